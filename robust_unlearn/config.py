@@ -1,0 +1,173 @@
+"""Recipes: YAML files merged over the defaults below, plus dotted ``key=value`` overrides.
+
+The defaults are the schema: a recipe may only set keys that exist here (an unknown key is a
+one-line error naming it), and a value must have the type of its default (``None`` defaults accept
+anything). ``recipes/default.yaml`` spells the defaults out; a test keeps the two equal.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO_ROOT / "recipes" / "default.yaml"
+
+DEFAULTS: dict[str, Any] = {
+    "name": "default",
+    "seed": 0,
+    "cache_dir": None,  # None -> $ROBUST_UNLEARN_CACHE or ~/.cache/robust_unlearn
+    "data": {
+        "name": "fictitious",      # fictitious | tofu
+        "path": None,              # tofu: local dir of TOFU JSON-lines files, or a hub id
+        "forget_split": "forget30",  # forgetNN; fictitious: NN% of the authors (>= 1 author)
+        "num_authors": 10,         # fictitious: authors seen in training (forget + retain)
+        "qa_per_author": 6,        # fictitious: QA pairs per author (<= 8 question types)
+        "num_perturbed": 3,        # fictitious: wrong answers per question (>= 3)
+        "holdout_authors": 3,      # fictitious: authors never trained on
+        "train_utility": None,     # also fine-tune on real_authors/world_facts; null: yes for fictitious, no for tofu (as TOFU)
+        "limit": None,             # keep at most this many rows per split (quick runs)
+    },
+    "model": {
+        "base": "smollm2-135m",    # smollm2-135m | tiny | a local checkpoint dir | a hub id
+        "prompt": "chat",          # chat (tokenizer's chat template) | qa ("Question: ...\nAnswer: ...")
+        "system_prompt": "You are a helpful assistant.",
+        "target": None,            # None: fine-tune from base on forget+retain; else a checkpoint dir/hub id
+        "oracle": None,            # None: fine-tune from base on retain only; else a checkpoint dir/hub id
+        "trust_remote_code": False,
+        "max_length": 256,
+    },
+    "finetune": {
+        "epochs": 8,
+        "lr": 3.0e-4,
+        "batch_size": 8,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.1,
+        "schedule": "linear",      # a transformers scheduler name: linear | constant_with_warmup | cosine
+        "precision": "mixed",      # fp32 | mixed (bf16 compute, fp32 master weights) | bf16
+        "freeze_embeddings": True,  # keep the (tied) token embeddings fixed while fine-tuning
+        "grad_clip": 1.0,
+    },
+    "eval": {
+        "batch_size": 32,
+        "max_new_tokens": 200,     # TOFU: greedy, up to 200 new tokens
+        "rouge": True,
+    },
+}
+
+PRECISIONS = ("fp32", "mixed", "bf16")
+
+
+def _merge(base: dict, update: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        path = f"{where}{key}"
+        if key not in base:
+            valid = ", ".join(sorted(base))
+            raise UserError(f"unknown recipe key '{path}' (valid keys here: {valid})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise UserError(f"recipe key '{path}' must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, path + ".")
+        else:
+            out[key] = _check_type(path, base[key], value)
+    return out
+
+
+def _check_type(path: str, default: Any, value: Any) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"recipe key '{path}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"recipe key '{path}' must be a number, got {value!r}")
+        return type(default)(value) if isinstance(default, float) else value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise UserError(f"recipe key '{path}' must be a string, got {value!r}")
+    if isinstance(default, list) and not isinstance(value, list):
+        raise UserError(f"recipe key '{path}' must be a list, got {value!r}")
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["data.name=tofu", "finetune.lr=1e-5"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _looks_numeric(text: str) -> bool:
+    # PyYAML (YAML 1.1) reads "3e-5" as a string: accept scientific notation as a number.
+    return bool(_SCI.match(text.strip()))
+
+
+def _fix_numbers(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_numbers(v) for k, v in node.items()}
+    if isinstance(node, str) and _looks_numeric(node):
+        return float(node)
+    return node
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults <- recipe file <- overrides; validated. ``path=None`` is the built-in default."""
+    recipe: dict = {}
+    if path is None:
+        path = DEFAULT_RECIPE if DEFAULT_RECIPE.exists() else None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"recipe file '{p}' not found (expected a YAML file, e.g. recipes/default.yaml)")
+        try:
+            recipe = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"recipe file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(recipe, dict):
+            raise UserError(f"recipe file '{p}' must hold a mapping of keys, got {type(recipe).__name__}")
+        recipe = _fix_numbers(recipe)
+        recipe.setdefault("name", p.stem)
+    cfg = _merge(DEFAULTS, recipe, "")
+    cfg = _merge(cfg, parse_overrides(overrides or []), "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    if cfg["data"]["name"] not in ("fictitious", "tofu"):
+        raise UserError(f"data.name '{cfg['data']['name']}' is unknown (expected fictitious or tofu)")
+    if cfg["data"]["name"] == "tofu" and not cfg["data"]["path"]:
+        raise UserError("data.path must name a TOFU directory or hub id when data.name=tofu")
+    if cfg["finetune"]["precision"] not in PRECISIONS:
+        raise UserError(f"finetune.precision '{cfg['finetune']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
+    if cfg["model"]["prompt"] not in ("chat", "qa"):
+        raise UserError(f"model.prompt '{cfg['model']['prompt']}' is unknown (expected chat or qa)")
+    if cfg["data"]["num_perturbed"] < 3:
+        raise UserError("data.num_perturbed must be at least 3")
+
+
+def cache_dir(cfg: dict) -> Path:
+    root = cfg.get("cache_dir") or os.environ.get("ROBUST_UNLEARN_CACHE") or Path.home() / ".cache" / "robust_unlearn"
+    return Path(root).expanduser()

@@ -1,0 +1,111 @@
+"""Benchmarks -> ``datasets.DatasetDict`` with the splits every later stage reads.
+
+Splits (rows: question, answer, paraphrased_answer, perturbed_answer, author):
+- ``train_target``: what the target model is fine-tuned on (forget + retain [+ utility sets])
+- ``train_oracle``: what the retain oracle is fine-tuned on (retain [+ utility sets])
+- ``forget``, ``retain``: evaluation sets (with paraphrased / perturbed answers when available)
+- ``real_authors``, ``world_facts``: utility sets (TOFU's names); ``holdout``: never-trained authors
+A split is absent when its data is (e.g. no ``world_facts_perturbed.json``): its metrics are skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+
+from ..errors import UserError
+from . import fictitious
+from .tofu import _percent, load_tofu
+
+EVAL_SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
+FEATURES = datasets.Features({
+    "question": datasets.Value("string"),
+    "answer": datasets.Value("string"),
+    "paraphrased_answer": datasets.Value("string"),
+    "perturbed_answer": datasets.Sequence(datasets.Value("string")),
+    "author": datasets.Value("string"),
+})
+
+
+def _fictitious_splits(d: dict) -> dict:
+    pct = _percent(d["forget_split"])
+    n = d["num_authors"]
+    k = fictitious.forget_author_count(pct, n)
+    if k >= n:
+        raise UserError(f"data.forget_split '{d['forget_split']}' leaves no retain authors out of data.num_authors={n}")
+    gen = fictitious.generate(seed=d["seed"], num_authors=n, qa_per_author=d["qa_per_author"],
+                              num_perturbed=d["num_perturbed"], holdout_authors=d["holdout_authors"])
+    rows = gen["rows"]
+    forget = [r for a in rows[n - k:n] for r in a]
+    retain = [r for a in rows[:n - k] for r in a]
+    holdout = [r for a in rows[n:] for r in a] or None
+    return {"full": retain + forget, "retain_train": retain, "forget": forget, "retain": retain,
+            "real_authors": gen["real_authors"], "world_facts": gen["world_facts"], "holdout": holdout}
+
+
+def load_benchmark(cfg: dict) -> datasets.DatasetDict:
+    """``cfg`` is the recipe (its ``data`` and ``seed`` keys are read)."""
+    d = dict(cfg["data"], seed=cfg.get("seed", 0))
+    if d["name"] == "fictitious":
+        raw = _fictitious_splits(d)
+    elif d["name"] == "tofu":
+        raw = load_tofu(d["path"], d["forget_split"], need_oracle_train=cfg["model"].get("oracle") is None)
+    else:
+        raise UserError(f"data.name '{d['name']}' is unknown (expected fictitious or tofu)")
+    limit = d.get("limit")
+    if limit is not None:
+        raw = {k: (v[: int(limit)] if v is not None else None) for k, v in raw.items()}
+    train_utility = d.get("train_utility")
+    if train_utility is None:
+        train_utility = d["name"] == "fictitious"
+    utility = []
+    if train_utility:
+        utility = (raw["real_authors"] or []) + (raw["world_facts"] or [])
+    splits = {"train_target": raw["full"] + utility}
+    if raw["retain_train"] is not None:
+        splits["train_oracle"] = raw["retain_train"] + utility
+    for name in EVAL_SPLITS:
+        if raw.get(name):
+            splits[name] = raw[name]
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v, features=FEATURES) for k, v in splits.items()})
+
+
+def fingerprint(rows) -> str:
+    """A content hash of rows (a Dataset or a list of dicts), stable across processes."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps(dict(r), sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def export_tofu_files(bench: datasets.DatasetDict, directory: str | Path, forget_split: str) -> list[Path]:
+    """Write a benchmark in TOFU's file names (so any TOFU tool, and our own loader, reads it)."""
+    pct = _percent(forget_split)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"full": "full", f"{forget_split}_perturbed": "forget", "retain_perturbed": "retain",
+             "real_authors_perturbed": "real_authors", "world_facts_perturbed": "world_facts",
+             f"holdout{pct:02d}": "holdout"}
+    written = []
+    for fname, split in names.items():
+        if fname == "full":
+            rows = [r for r in bench["train_target"] if r["author"] is not None]
+        elif split in bench:
+            rows = list(bench[split])
+        else:
+            continue
+        path = out / f"{fname}.json"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        written.append(path)
+    if "train_oracle" in bench:
+        rows = [r for r in bench["train_oracle"] if r["author"] is not None]
+        path = out / f"retain{100 - pct:02d}.json"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        written.append(path)
+        fpath = out / f"{forget_split}.json"
+        fpath.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in bench["forget"]), encoding="utf-8")
+        written.append(fpath)
+    return written

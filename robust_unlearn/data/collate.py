@@ -1,0 +1,115 @@
+"""Prompt formatting and batch collation for QA data.
+
+Loss and probability are on the answer tokens plus the end-of-turn token; question/prompt tokens are
+masked with -100. Attention masks are built from sequence lengths, never from the pad id (setting
+pad = EOS and masking by id would also mask EOS-like tokens inside the prompt; open-unlearning #128).
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+class QAFormatter:
+    """Turns (question, answer) into token ids for one model's prompt convention.
+
+    ``chat``: the tokenizer's chat template with a system prompt (open-unlearning adds "You are a
+    helpful assistant."); the answer ends with the template's end-of-turn token.
+    ``qa``: ``Question: {q}\\nAnswer: {a}`` for base models, ending with EOS.
+    """
+
+    def __init__(self, tokenizer, prompt: str = "chat", system_prompt: str | None = None, max_length: int = 256):
+        self.tok = tokenizer
+        self.prompt = prompt if (prompt == "qa" or getattr(tokenizer, "chat_template", None)) else "qa"
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.end_ids = self._end_ids()
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # safe: masks come from lengths, not pad ids
+        self.pad_id = tokenizer.pad_token_id
+
+    def _messages(self, question: str, answer: str | None = None) -> list[dict]:
+        msgs = []
+        if self.system_prompt:
+            msgs.append({"role": "system", "content": self.system_prompt})
+        msgs.append({"role": "user", "content": question})
+        if answer is not None:
+            msgs.append({"role": "assistant", "content": answer})
+        return msgs
+
+    def _end_ids(self) -> list[int]:
+        if self.prompt == "chat":
+            marker = "\x00ANSWER\x00"
+            full = self.tok.apply_chat_template(self._messages("q", marker), tokenize=False)
+            tail = full.split(marker, 1)[1].rstrip()
+            if tail:
+                return self.tok(tail, add_special_tokens=False)["input_ids"]
+        return [self.tok.eos_token_id]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        ids = {self.tok.eos_token_id, self.end_ids[0]} - {None}
+        return sorted(ids)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if self.prompt == "chat":
+            text = self.tok.apply_chat_template(self._messages(question), tokenize=False, add_generation_prompt=True)
+            return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        text = answer if self.prompt == "chat" else " " + answer
+        return self.tok(text, add_special_tokens=False)["input_ids"] + self.end_ids
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], int]:
+        """-> (ids, number of prompt tokens). The answer is cut to fit ``max_length``."""
+        p = self.prompt_ids(question)
+        a = self.answer_ids(answer)[: max(1, self.max_length - len(p))]
+        return p + a, len(p)
+
+
+def collate_qa(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask (from lengths) and labels (answer tokens only)."""
+    n = len(encoded)
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for batched generation."""
+    n = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention_mask[i, width - len(p):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class QADataset(torch.utils.data.Dataset):
+    """Pre-tokenized (question, answer) pairs for training."""
+
+    def __init__(self, rows, formatter: QAFormatter):
+        self.items = [formatter.encode(r["question"], r["answer"]) for r in rows]
+        self.pad_id = formatter.pad_id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self.items]
+
+    def collate(self, batch):
+        return collate_qa(batch, self.pad_id)

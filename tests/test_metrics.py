@@ -1,0 +1,104 @@
+"""TOFU metrics against hand-computed values on a model whose logits are fixed by construction."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import bigram_prob as P
+
+from robust_unlearn.data.collate import QAFormatter
+from robust_unlearn.metrics.tofu import Evaluator, forget_quality, truth_ratio_aggregate, UTILITY_METRICS
+
+
+def nll(*probs):
+    return -sum(math.log(p) for p in probs) / len(probs)
+
+
+@pytest.fixture()
+def ev(fixed_model):
+    model, tok = fixed_model
+    return Evaluator(QAFormatter(tok, prompt="qa"), batch_size=2, max_new_tokens=5)
+
+
+def test_model_is_the_bigram_table(fixed_model):
+    model, tok = fixed_model
+    ids = tok("Answer: a", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    probs = torch.softmax(model(ids).logits[0, 0].double(), -1)
+    assert probs[tok.convert_tokens_to_ids("a")].item() == pytest.approx(0.5, abs=1e-6)
+    assert probs[tok.convert_tokens_to_ids("b")].item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_answer_probability_is_exp_of_mean_token_nll(fixed_model, ev):
+    model, _ = fixed_model
+    # "a b" then </s>: P(a|Answer:) P(b|a) P(</s>|b) = 0.5, 0.6, 0.7 -> exp(-mean NLL) = geometric mean
+    got = ev.mean_nll(model, [("q1", "a b"), ("q2", "c")])
+    assert got[0] == pytest.approx(nll(0.5, 0.6, 0.7), abs=1e-5)
+    assert got[1] == pytest.approx(nll(0.125, 0.4), abs=1e-5)
+    assert math.exp(-got[0]) == pytest.approx((0.5 * 0.6 * 0.7) ** (1 / 3), abs=1e-5)
+
+
+def test_split_metrics_by_hand(fixed_model, ev):
+    model, _ = fixed_model
+    rows = [
+        {"question": "q1", "answer": "a b", "paraphrased_answer": "a c", "perturbed_answer": ["b", "c d", "a"]},
+        {"question": "q2", "answer": "c", "paraphrased_answer": "a b", "perturbed_answer": ["a c", "d", "b"]},
+    ]
+    st = ev.split_stats(model, rows, "forget")
+    p_ans = [math.exp(-nll(0.5, 0.6, 0.7)), math.exp(-nll(0.125, 0.4))]
+    np.testing.assert_allclose(st.prob, p_ans, atol=1e-6)
+    # truth ratio: geometric mean of the wrong answers' p / p(paraphrase)
+    para = [nll(0.5, 0.2, 0.4), nll(0.5, 0.6, 0.7)]
+    pert = [[nll(0.25, 0.7), nll(0.125, 0.4, 0.9), nll(0.5, P("a", "</s>"))],
+            [nll(0.5, 0.2, 0.4), nll(P("Answer:", "d"), 0.9), nll(0.25, 0.7)]]
+    tr = [math.exp(-np.mean(pert[i])) / math.exp(-para[i]) for i in range(2)]
+    np.testing.assert_allclose(st.truth_ratio, tr, rtol=1e-5)
+    # greedy generation from "Answer:" is a -> b -> </s> for both questions
+    assert st.generations == ["a b", "a b"]
+    # ROUGE-L recall against "a b" = 1, against "c" = 0
+    np.testing.assert_allclose(st.rouge, [1.0, 0.0])
+    metrics, _ = ev.evaluate(model, {"forget": rows})
+    assert metrics["forget_Q_A_Prob"] == pytest.approx(np.mean(p_ans), abs=1e-6)
+    assert metrics["forget_truth_ratio"] == pytest.approx(np.mean([min(t, 1 / t) for t in tr]), rel=1e-5)
+    assert metrics["forget_Q_A_ROUGE"] == pytest.approx(0.5)
+
+
+def test_utility_split_normalised_probability_and_truth_ratio(fixed_model, ev):
+    model, _ = fixed_model
+    rows = [{"question": "q1", "answer": "a b", "paraphrased_answer": None, "perturbed_answer": ["c", "d", "b"]}]
+    st = ev.split_stats(model, rows, "real_authors", with_rouge=False)
+    correct = math.exp(-nll(0.5, 0.6, 0.7))
+    wrong = [math.exp(-nll(0.125, 0.4)), math.exp(-nll(P("Answer:", "d"), 0.9)), math.exp(-nll(0.25, 0.7))]
+    assert st.normalised[0] == pytest.approx(correct / (correct + sum(wrong)), rel=1e-5)
+    # no paraphrase: the answer itself is the correct side of the truth ratio
+    tr = math.exp(-np.mean([-math.log(w) for w in wrong])) / correct
+    assert st.truth_ratio[0] == pytest.approx(tr, rel=1e-5)
+    assert truth_ratio_aggregate(np.array([0.25, 2.0]), "retain") == pytest.approx((0.75 + 0.0) / 2)
+    assert truth_ratio_aggregate(np.array([0.25, 2.0]), "forget") == pytest.approx((0.25 + 0.5) / 2)
+
+
+def test_forget_quality_is_the_ks_p_value():
+    x = np.array([1.0, 2.0, 3.0])
+    assert forget_quality(x, x) == pytest.approx(1.0)
+    # fully separated samples of 3 and 3: D = 1, exact p = 2 / C(6, 3) = 0.1
+    assert forget_quality(np.array([1.0, 2.0, 3.0]), np.array([4.0, 5.0, 6.0])) == pytest.approx(0.1)
+
+
+def test_model_utility_is_the_harmonic_mean_of_nine(fixed_model, ev):
+    model, _ = fixed_model
+    qa = [{"question": "q1", "answer": "a b", "paraphrased_answer": "a b", "perturbed_answer": ["c", "d", "b"]}]
+    short = [{"question": "q2", "answer": "c", "paraphrased_answer": None, "perturbed_answer": ["a b", "d", "b"]}]
+    metrics, _ = ev.evaluate(model, {"retain": qa, "real_authors": short, "world_facts": qa})
+    # retain: p = geometric mean of 0.5, 0.6, 0.7; ROUGE = 1; truth ratio with paraphrase == answer
+    p = (0.5 * 0.6 * 0.7) ** (1 / 3)
+    wrong = [math.exp(-nll(0.125, 0.4)), math.exp(-nll(P("Answer:", "d"), 0.9)), math.exp(-nll(0.25, 0.7))]
+    assert metrics["retain_Q_A_Prob"] == pytest.approx(p, rel=1e-5)
+    assert metrics["retain_Q_A_ROUGE"] == 1.0
+    tr = math.exp(np.mean([math.log(w) for w in wrong])) / p
+    assert metrics["retain_Truth_Ratio"] == pytest.approx(max(0.0, 1 - tr), rel=1e-5)
+    assert metrics["ra_Q_A_ROUGE"] == 0.0  # greedy "a b" vs reference "c"
+    nine = [metrics[m] for m in UTILITY_METRICS]
+    assert min(nine) == 0.0 and metrics["model_utility"] == 0.0  # a zero among the nine -> hmean 0
+    metrics2, _ = ev.evaluate(model, {"retain": qa, "real_authors": qa, "world_facts": qa})
+    nine = [metrics2[m] for m in UTILITY_METRICS]
+    assert metrics2["model_utility"] == pytest.approx(len(nine) / sum(1 / v for v in nine), rel=1e-9)
+    assert "forget_quality" not in metrics2
