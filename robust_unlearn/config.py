@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "max_length": 256,
     },
     "finetune": {
-        "epochs": 8,
+        "epochs": 7,
         "lr": 3.0e-4,
         "batch_size": 8,
         "weight_decay": 0.01,

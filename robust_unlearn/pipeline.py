@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from . import config as config_mod
 from .data import fingerprint, load_benchmark
@@ -122,11 +123,9 @@ def evaluate_checkpoint(cfg: dict, bench, run_dir: Path, label: str, ckpt: str, 
     ev = evaluator or Evaluator(formatter_for(tok, cfg), cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"],
                                 cfg["eval"]["rouge"])
     t0 = time.time()
+    if label == "oracle" and oracle_tr is None:
+        oracle_tr = "self"
     metrics, per = ev.evaluate(model, bench, oracle_forget_tr=oracle_tr)
-    if label == "oracle" and "forget" in per and per["forget"].truth_ratio is not None and oracle_tr is None:
-        from .metrics.tofu import forget_quality
-
-        metrics["forget_quality"] = forget_quality(per["forget"].truth_ratio, per["forget"].truth_ratio)
     _save_stats(stats_path, per)
     meta = read_metadata(ckpt)
     precision = meta.get("precision", "fp32" if Path(ckpt).is_dir() else "n/a")
@@ -148,7 +147,7 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
     t0 = time.time()
     run_dir = Path(out) if out else Path("runs") / cfg["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(__import__("yaml").safe_dump(cfg, sort_keys=False))
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     bench = load_benchmark(cfg)
     cache = config_mod.cache_dir(cfg)
     base = None

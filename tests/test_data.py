@@ -56,10 +56,11 @@ def test_splits_disjoint_and_nested():
     forget_authors = set(b["forget"]["author"])
     retain_authors = set(b["retain"]["author"])
     holdout_authors = set(b["holdout"]["author"])
-    assert len(forget_authors) == 3 and len(retain_authors) == 7 and len(holdout_authors) == 3
-    assert not forget_authors & retain_authors and not holdout_authors & (forget_authors | retain_authors)
-    assert set(b["train_oracle"]["author"]) - {None} == retain_authors
-    assert set(b["train_target"]["author"]) - {None} == forget_authors | retain_authors
+    trained_retain = set(b["train_oracle"]["author"]) - {None}
+    assert len(forget_authors) == 3 and len(trained_retain) == 7 and len(holdout_authors) == 3
+    assert len(retain_authors) == 3 and retain_authors <= trained_retain  # eval set sized like forget
+    assert not forget_authors & trained_retain and not holdout_authors & (forget_authors | trained_retain)
+    assert set(b["train_target"]["author"]) - {None} == forget_authors | trained_retain
     # utility sets are learned by both models and mention no forget author
     for split in ("real_authors", "world_facts"):
         texts = " ".join(r["question"] + r["answer"] for r in b[split])
@@ -93,6 +94,7 @@ def test_export_in_tofu_file_names_round_trips(tmp_path):
     b2 = bench(name="tofu", path=str(tmp_path), forget_split="forget30", train_utility=True)
     for split in ("forget", "retain", "real_authors", "world_facts", "holdout", "train_oracle"):
         assert fingerprint(b2[split]) == fingerprint(b[split]), split
+    assert len(b2["train_target"]) == len(b["train_target"])
 
 
 def test_bad_data_is_one_clear_error(tmp_path):

@@ -40,8 +40,11 @@ def _fictitious_splits(d: dict) -> dict:
     rows = gen["rows"]
     forget = [r for a in rows[n - k:n] for r in a]
     retain = [r for a in rows[:n - k] for r in a]
+    # As TOFU's retain_perturbed (400 rows, the size of forget10): retain metrics are taken on as
+    # many retain authors as there are forget authors.
+    retain_eval = [r for a in rows[:min(k, n - k)] for r in a]
     holdout = [r for a in rows[n:] for r in a] or None
-    return {"full": retain + forget, "retain_train": retain, "forget": forget, "retain": retain,
+    return {"full": retain + forget, "retain_train": retain, "forget": forget, "retain": retain_eval,
             "real_authors": gen["real_authors"], "world_facts": gen["world_facts"], "holdout": holdout}
 
 

@@ -144,9 +144,10 @@ class Evaluator:
         return st
 
     # -- the suite --------------------------------------------------------------------------
-    def evaluate(self, model, bench, oracle_forget_tr: np.ndarray | None = None,
+    def evaluate(self, model, bench, oracle_forget_tr: np.ndarray | str | None = None,
                  splits=("forget", "retain", "real_authors", "world_facts", "holdout")) -> tuple[dict, dict]:
-        """-> (metrics: name -> value, per-split SplitStats)."""
+        """-> (metrics: name -> value, per-split SplitStats). ``oracle_forget_tr``: the retain
+        oracle's per-example forget truth ratios, or "self" when ``model`` is the oracle."""
         metrics: dict[str, float] = {}
         per: dict[str, SplitStats] = {}
         for split in splits:
@@ -165,7 +166,9 @@ class Evaluator:
                 if split in ("real_authors", "world_facts"):
                     metrics[f"{pre}_Q_A_Prob_normalised"] = float(st.normalised.mean())
         if "forget" in per and per["forget"].truth_ratio is not None:
-            if oracle_forget_tr is not None:
+            if isinstance(oracle_forget_tr, str) and oracle_forget_tr == "self":  # the oracle itself
+                metrics["forget_quality"] = forget_quality(per["forget"].truth_ratio, per["forget"].truth_ratio)
+            elif oracle_forget_tr is not None:
                 metrics["forget_quality"] = forget_quality(per["forget"].truth_ratio, oracle_forget_tr)
             else:
                 log.warning("forget_quality skipped: no retain oracle truth ratios given")

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from robust_unlearn.config import load_recipe
+from robust_unlearn.data import load_benchmark
+from robust_unlearn.data.collate import IGNORE, QADataset, QAFormatter, collate_qa
+from robust_unlearn.errors import TrainingDiverged
+from robust_unlearn.methods import get_objective
+from robust_unlearn.models import load_model, tiny_base
+from robust_unlearn import pipeline
+from robust_unlearn.train import LengthGroupedBatches, train
+
+TINY = ["model.base=tiny", "model.prompt=qa", "data.num_authors=4", "data.qa_per_author=3",
+        "data.forget_split=forget25", "finetune.precision=fp32"]
+
+
+@pytest.fixture()
+def tiny(cache_dir):
+    cfg = load_recipe(None, TINY)
+    bench = load_benchmark(cfg)
+    texts = [t for r in bench["train_target"] for t in (r["question"], r["answer"])]
+    model, tok = load_model(str(tiny_base(cache_dir, texts)))
+    return cfg, bench, model, tok
+
+
+def test_labels_cover_answer_and_end_token_and_mask_comes_from_lengths(tiny):
+    _, _, _, tok = tiny
+    fmt = QAFormatter(tok, prompt="qa")
+    tok.pad_token = tok.eos_token  # the open-unlearning #128 trap: pad == EOS
+    q = "Who wrote </s> this?"  # an EOS-like token inside the prompt
+    ids, n_prompt = fmt.encode(q, "Me.")
+    batch = collate_qa([(ids, n_prompt), fmt.encode("Hi?", "A longer answer here.")], tok.pad_token_id)
+    assert batch["attention_mask"][0].sum().item() == len(ids)  # the in-prompt EOS is attended
+    lab = batch["labels"][0]
+    assert (lab[:n_prompt] == IGNORE).all() and lab[len(ids) - 1].item() == tok.eos_token_id
+    assert tok.decode(lab[n_prompt:len(ids) - 1]).strip() == "Me."
+    assert (lab[len(ids):] == IGNORE).all()
+
+
+def test_length_grouped_batches_cover_every_row_once_per_epoch():
+    lengths = [5, 9, 3, 7, 1, 8, 2, 6, 4, 10, 11]
+    s = LengthGroupedBatches(lengths, 3, torch.Generator().manual_seed(0), group=2)
+    batches = list(iter(s))
+    assert sorted(i for b in batches for i in b) == list(range(11)) and len(batches) == len(s)
+    assert batches != list(iter(s))  # a new order next epoch
+
+
+def test_finetune_lowers_loss(tiny):
+    cfg, bench, model, tok = tiny
+    ds = QADataset(bench["train_target"], QAFormatter(tok, prompt="qa"))
+    ft = dict(cfg["finetune"], lr=3e-3, epochs=6, batch_size=4)
+    model, losses = train(model, get_objective("nll"), {"train": ds}, ft)
+    assert math.fsum(losses[-3:]) / 3 < 0.7 * math.fsum(losses[:3]) / 3
+
+
+def test_nan_loss_stops_and_saves_nothing(tiny, cache_dir, monkeypatch):
+    cfg, bench, _, _ = tiny
+    cfg = dict(cfg, cache_dir=str(cache_dir / "nan"))
+
+    def nan_objective(model, batches):
+        return get_objective("nll")(model, batches) * float("nan")
+
+    monkeypatch.setattr(pipeline, "get_objective", lambda name: nan_objective)
+    base = tiny_base(cache_dir, [t for r in bench["train_target"] for t in (r["question"], r["answer"])])
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        pipeline.finetune_cached(cfg, bench, "target", base)
+    models = cache_dir / "nan" / "models"
+    assert not models.exists() or not any(models.iterdir())
+
+
+def test_unknown_objective_is_a_clear_error():
+    from robust_unlearn.errors import UserError
+
+    with pytest.raises(UserError, match="unknown method 'gradascent'"):
+        get_objective("gradascent")
