@@ -1,0 +1,49 @@
+"""Compressions: each is a function from an in-memory model to an in-memory model (in place).
+
+Names (the sweep's column names):
+- ``none``: full precision.
+- ``nf4``, ``nf4-dq``, ``fp4``: bitsandbytes 4-bit (blocksize 64; ``-dq`` = double quantization of
+  the block scales), weights quantized and dequantized by bitsandbytes' own functions.
+- ``rtn8``, ``rtn4``: round-to-nearest int-N per output channel; ``rtn8-g128``, ``rtn4-g128``: per
+  group of 128 input weights (Zhang et al. 2024, eq. 2: Q(w) = D * round(w / D), D = max|w| / 2^(N-1)).
+- ``prune10``, ``prune20``, ``prune30``: global magnitude pruning of all linear weights except
+  lm_head (zero the weights below the p-th percentile of |w|).
+Only the weights of ``nn.Linear`` modules inside the decoder are compressed; embeddings, norms and
+lm_head stay as they are (as bitsandbytes' ``load_in_4bit`` leaves them).
+
+Not here yet (issue 3): bitsandbytes LLM.int8 (``int8``) with its outlier decomposition, GPTQ/AWQ.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from .prune import magnitude_prune
+from .quantize import bnb_4bit, rtn
+
+CompressFn = Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def get_compression(name: str) -> CompressFn:
+    if name == "none":
+        return lambda model: model
+    if name in ("nf4", "nf4-dq", "fp4"):
+        return lambda model: bnb_4bit(model, quant_type=name[:3], double_quant=name.endswith("-dq"))
+    m = re.fullmatch(r"rtn(4|8)(?:-g(\d+))?", name)
+    if m:
+        bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else None
+        return lambda model: rtn(model, bits=bits, group_size=group)
+    m = re.fullmatch(r"prune(\d{1,2})", name)
+    if m:
+        return lambda model: magnitude_prune(model, int(m.group(1)) / 100)
+    raise UserError(f"unknown compression '{name}' (expected one of: none, nf4, nf4-dq, fp4, rtn8, rtn4, "
+                    "rtn8-g128, rtn4-g128, prune10, prune20, prune30)")
+
+
+def compressible_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """Every ``nn.Linear`` except the output head (lm_head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
