@@ -136,7 +136,7 @@ class Evaluator:
             wrong_prob = np.exp(-pert_nll.mean(axis=1))  # geometric mean of the wrong answers' p
             st.truth_ratio = wrong_prob / np.exp(-correct_nll)
             st.normalised = st.prob / (st.prob + np.exp(-pert_nll).sum(axis=1))
-        elif split != "holdout":  # noqa: SIM114
+        elif split != "holdout":
             log.warning("%s: no perturbed answers in the data, truth ratio skipped", split)
         if with_rouge if with_rouge is not None else (self.rouge and split != "holdout"):
             st.generations = self.generate(model, qs, desc=f"generate {split}")
