@@ -24,8 +24,9 @@ def _accepts_logits_to_keep(model) -> bool:
     return fwd
 
 
-def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (sum of token NLLs, number of answer tokens), one entry per example, float32."""
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (float32 logits predicting each target token, target ids with -100 off the answer),
+    both [batch, positions], from the first answer position on."""
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     width = input_ids.shape[1]
     has_label = labels != IGNORE
@@ -38,8 +39,12 @@ def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     logits = out.logits
     if logits.shape[1] != width - start:  # model ignored logits_to_keep
         logits = logits[:, start:]
-    logits = logits[:, :-1].float()
-    target = labels[:, start + 1:]
+    return logits[:, :-1].float(), labels[:, start + 1:]
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sum of token NLLs, number of answer tokens), one entry per example, float32."""
+    logits, target = answer_logits(model, batch)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
                           reduction="none").view(target.shape)
     mask = target != IGNORE
