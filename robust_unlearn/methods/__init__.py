@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from ..scoring import answer_nll
+from .losses import gdr
 
 
-def nll(model, batches) -> "torch.Tensor":  # noqa: F821
-    """Fine-tuning: mean token NLL of the answers (question tokens masked)."""
-    total, count = answer_nll(model, batches["train"])
-    return total.sum() / count.sum().clamp(min=1)
+def nll(model, batches):
+    """Fine-tuning: mean token NLL of the answers of the ``train`` stream (question tokens masked)."""
+    return gdr(model, batches["train"])
 
 
 OBJECTIVES = {"nll": nll}
