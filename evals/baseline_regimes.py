@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--compress", default="none,nf4,prune20,prune30")
     ap.add_argument("--utility", action="store_true", help="also the full TOFU suite in full precision (slow)")
     ap.add_argument("--out", default="/tmp/ru_calibration")
+    ap.add_argument("--log", default=str(HERE / "baseline_regimes.jsonl"),
+                    help="JSONL file the record is appended to (robust ablations: evals/robust_ablation.jsonl)")
     args = ap.parse_args()
     if args.method == "table":
         return table()
@@ -77,7 +79,9 @@ def main() -> None:
     rec = {"method": args.method, "overrides": args.overrides, "settings": method_settings(cfg, args.method),
            "steps": meta["steps"], "seconds": round(secs, 1), "update": meta["update"], "probs": res,
            "model_utility": util, "checkpoint": str(ckpt)}
-    with open(HERE / "baseline_regimes.jsonl", "a") as fh:
+    if meta.get("plan"):
+        rec["plan"] = {k: v for k, v in meta["plan"].items() if k not in ("salient", "saliency_top")}
+    with open(args.log, "a") as fh:
         fh.write(json.dumps(rec) + "\n")
     cols = " | ".join(f"{res[c][0]:.3f} / {res[c][1]:.3f}" for c in res)
     print(f"| {args.method} | {' '.join(args.overrides)} | {meta['steps']} | {secs:.0f}s | "

@@ -1,4 +1,4 @@
-"""``robust-unlearn``: run | evaluate | sweep | report. User mistakes print one line and exit with code 2."""
+"""``robust-unlearn``: run | evaluate | unlearn | sweep | audit | report. User mistakes print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -168,6 +168,40 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    import json
+
+    import torch
+
+    from .metrics.weights import audit, audit_table
+    from .models import check_model_dir, is_local, load_model
+
+    ckpts, _ = _sweep_checkpoints(args.checkpoints, args.label, None)
+    for path in [args.target] + [c[1] for c in ckpts]:
+        if is_local(path):
+            check_model_dir(path)
+    target, _ = load_model(args.target)
+    before = {k: v.detach().clone() for k, v in target.state_dict().items() if k.endswith(".weight")}
+    shapes = {k: tuple(v.shape) for k, v in before.items()}
+    del target
+    rows = {}
+    for label, path, _method in ckpts:
+        model, _ = load_model(path)
+        other = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.endswith(".weight")}
+        if other != shapes:
+            raise UserError(f"checkpoint '{path}' has different weights than the target '{args.target}' "
+                            "(expected the same architecture: an unlearned copy of the target)")
+        with torch.no_grad():
+            rows[label] = audit(before, model)
+        del model
+    print(audit_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"json: {args.json}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -230,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "forget truth ratios give every cell's forget_quality")
     sw.add_argument("--label", help="comma-separated labels, one per CKPT (instead of LABEL=PATH)")
     sw.set_defaults(func=cmd_sweep)
+
+    au = sub.add_parser("audit", help="where did the update go? per module type: |dw|, |dw| / NF4 bin, NF4 code flips, "
+                        "small-weight enrichment", description="Compare unlearned checkpoints with their target weight "
+                        "by weight, per module type (q/k/v/o, gate/up/down): mean |dw|, mean |dw| / NF4 bin width, "
+                        "fraction changed, NF4 code-flip rate of the changed weights (each checkpoint quantized with its "
+                        "own block scales) and the enrichment of the top-1%% |dw| in the bottom-10%% |w|.")
+    au.add_argument("target", help="the target checkpoint the others were unlearned from")
+    au.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints (PATH or LABEL=PATH)")
+    au.add_argument("--label", help="comma-separated labels, one per CKPT (instead of LABEL=PATH)")
+    au.add_argument("--json", help="also write the numbers to this JSON file")
+    au.set_defaults(func=cmd_audit)
 
     rp = sub.add_parser("report", help="write report.md from a run directory's ledger",
                         description="Rebuild report.md from RUN_DIR/results.jsonl.")

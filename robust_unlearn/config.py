@@ -80,9 +80,20 @@ DEFAULTS: dict[str, Any] = {
         "rmu_steering": 20.0,      # steering coefficient c
         "stop_forget_prob": 0.1,   # stop early once forget answer probability <= this (None: never)
         "stop_every": 4,           # check it every this many steps
+        # SURE_<base> / Robust_<base> (robust_unlearn.robust): modules at or above this percentile of
+        # forget-gradient norm train (Zhang et al. 2024: 90 / 95 / 99)
+        "sure_percentile": 90.0,
+        # Robust_<base> only; each part is a switch (0 / [] = off):
+        "robust_topk": 0.01,       # update this fraction of the salient modules' weights (by |grad x w|)
+        "robust_fisher_exclude": 0.1,  # never update the top fraction by retain diagonal Fisher
+        "robust_nullspace": 8,     # project forget grads off the span of the last k retain grads
+        "robust_prune_aware": 0.3, # never update weights magnitude pruning at this sparsity would zero
+        "robust_floor": ["nf4"],   # formats whose code every updated weight must change (nf4, fp4, int8, rtn4-g128, ...)
+        "robust_floor_margin": 0.2,  # how far past the bin edge, as a fraction of the new bin's width
         "per_method": {            # method -> {key: value} overriding the keys above for that method
+            "GradDiff": {"lr": 1.5e-4, "stop_forget_prob": 0.12},
             "SimNPO": {"lr": 2.0e-4, "alpha": 0.1, "simnpo_beta": 2.5},
-            "RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 30,
+            "RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 80, "alpha": 10.0, "stop_forget_prob": 0.15,
                     "rmu_params": "model\\.layers\\.(5|6|7)\\.mlp\\..*_proj\\.weight"},
         },
     },
@@ -220,6 +231,21 @@ def validate(cfg: dict) -> None:
         p = method_settings(cfg, m)["precision"]
         if p not in PRECISIONS:
             raise UserError(f"unlearn.per_method.{m}.precision '{p}' is unknown (expected one of {', '.join(PRECISIONS)})")
+    from .robust.floor import parse_format
+
+    for m in [None] + list(cfg["unlearn"]["per_method"]):
+        st = method_settings(cfg, m) if m else cfg["unlearn"]
+        where = f"unlearn.per_method.{m}" if m else "unlearn"
+        for f in st["robust_floor"]:
+            try:
+                parse_format(f)
+            except UserError as exc:
+                raise UserError(f"{where}.robust_floor: {exc}") from None
+        if not 0 <= st["sure_percentile"] < 100:
+            raise UserError(f"{where}.sure_percentile {st['sure_percentile']} must be in [0, 100)")
+        for k in ("robust_topk", "robust_fisher_exclude", "robust_prune_aware"):
+            if not 0 <= st[k] <= 1:
+                raise UserError(f"{where}.{k} {st[k]} must be a fraction in [0, 1]")
     if cfg["unlearn"]["precision"] not in PRECISIONS:
         raise UserError(f"unlearn.precision '{cfg['unlearn']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
     from .compress import check_compression

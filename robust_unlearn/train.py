@@ -59,7 +59,7 @@ def make_accelerator(precision: str) -> Accelerator:
 
 def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, desc: str = "train",
           primary: str = "train", accelerator: Accelerator | None = None,
-          stop: Callable[[torch.nn.Module, int], bool] | None = None):
+          stop: Callable[[torch.nn.Module, int], bool] | None = None, constraint=None):
     """Run ``cfg['epochs']`` passes over ``datasets[primary]`` (or ``cfg['steps']`` optimizer steps
     when set); the other streams are cycled. ``stop(model, step)``, called every
     ``cfg['stop_every']`` steps, may end the run early (the scheduler still spans the full length).
@@ -67,6 +67,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     ``datasets``: name -> a dataset with a ``collate`` method (see ``data.collate.QADataset``).
     ``cfg``: lr, batch_size, epochs, weight_decay, warmup_ratio, schedule (a transformers scheduler
     name: linear, constant_with_warmup, cosine, ...), precision, grad_clip.
+    ``constraint``: a ``robust.update.SparseUpdate`` (masked, retain-projected updates), or None.
     Returns the unwrapped model (trained in place) and the list of per-step losses.
     """
     set_seed(seed)
@@ -74,6 +75,8 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     if cfg["precision"] == "bf16":
         model.to(torch.bfloat16)
     model.train()
+    if constraint is not None:
+        constraint.start()
     params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no optimizer state
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     gen = torch.Generator().manual_seed(seed)
@@ -99,15 +102,30 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     bar = tqdm(range(total), desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True)
     for step in bar:
         batches = {name: next_batch(name) for name in loaders}
+        split = constraint is not None and constraint.split_grads
         with acc.autocast():
-            loss = objective(model, batches)
+            if split:
+                f_loss, r_loss = objective.parts(model, batches)
+                loss = f_loss if r_loss is None else f_loss + r_loss
+            else:
+                loss = objective(model, batches)
         if not torch.isfinite(loss.detach()):
             raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step + 1}/{total} "
                                    f"(lr {cfg['lr']}); stopped, nothing from this run was saved")
-        acc.backward(loss)
+        if split and r_loss is not None:  # null-space step: the two terms' gradients apart
+            acc.backward(f_loss)
+            constraint.take_forget_grads()
+            acc.backward(r_loss)
+            constraint.combine()
+        else:
+            acc.backward(loss)
+            if constraint is not None:
+                constraint.mask_grads()
         if cfg.get("grad_clip"):
             acc.clip_grad_norm_(params, cfg["grad_clip"])
         opt.step()
+        if constraint is not None:
+            constraint.after_step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

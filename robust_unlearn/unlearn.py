@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .analysis import update_stats
+from .metrics.weights import update_stats
 from .compress import compressible_linears
 from .config import method_settings
 from .data import fingerprint
 from .data.collate import QADataset
 from .metrics.tofu import Evaluator
-from .methods import NEEDS_REF, build_objective, check_method
+from .methods import NEEDS_REF, build_objective, check_method, split_method
 from .models import load_model, read_metadata, save_model
 from .train import train
 
@@ -77,6 +77,14 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     streams = {"forget": QADataset(bench["forget"], fmt)}
     if "retain" in objective.streams:
         streams["retain"] = QADataset(retain_rows(bench), fmt)
+    wrapper = split_method(method)[0]
+    constraint, plan = None, None
+    if wrapper is not None:  # SURE / Robust: which weights may move, chosen at the target weights
+        from .robust.update import plan_update
+
+        data = dict(streams)
+        data.setdefault("retain", QADataset(retain_rows(bench), fmt))
+        constraint, plan = plan_update(model, objective, data, settings, robust=wrapper == "Robust", seed=cfg["seed"])
     history: list[tuple[int, float]] = []
     ev = Evaluator(fmt, batch_size=cfg["eval"]["batch_size"])
     pairs = [(r["question"], r["answer"]) for r in bench["forget"]]
@@ -91,13 +99,18 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
 
     train_cfg = dict(settings)
     model, losses = train(model, objective, streams, train_cfg, seed=cfg["seed"], desc=f"unlearn {method}",
-                          primary="forget", stop=stop)
+                          primary="forget", stop=stop, constraint=constraint)
+    if constraint is not None:
+        plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
     saved_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     meta = {"role": "unlearned", "method": method, "spec": spec, "spec_key": key, "precision": settings["precision"],
             "saved_dtype": saved_dtype, "target": str(target), "steps": len(losses), "first_loss": losses[0],
             "final_loss": losses[-1], "forget_prob_history": history,
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1)}
+    if plan is not None:
+        meta["plan"] = {k: v for k, v in plan.items() if k != "salient"}
+        meta["plan"]["salient"] = plan["salient"]
     for p in model.parameters():
         p.requires_grad_(True)
     save_model(model, tok, out, meta)

@@ -10,8 +10,26 @@ from ..errors import UserError
 from .losses import METHODS, gdr, unlearning_objective
 from .rmu import rmu_objective, set_trainable
 
-METHOD_NAMES = tuple(METHODS) + ("RMU",)
-NEEDS_REF = {m for m in METHODS if "npo" == METHODS[m][0] or METHODS[m][1] == "klr"} | {"RMU"}
+# SURE_<base>: train only the salient modules (Zhang et al. 2024); Robust_<base>: SURE + the
+# retain-protected sparse mask, null-space step and quantization-bin floor (``robust.update``)
+WRAPPERS = ("SURE", "Robust")
+METHOD_NAMES = tuple(METHODS) + ("RMU",) + tuple(f"{w}_{b}" for w in WRAPPERS for b in METHODS)
+
+
+def split_method(name: str) -> tuple[str | None, str]:
+    """``"SURE_NPO_KLR"`` -> ``("SURE", "NPO_KLR")``; ``"GradDiff"`` -> ``(None, "GradDiff")``."""
+    for w in WRAPPERS:
+        if name.startswith(w + "_") and name[len(w) + 1:] in METHODS:
+            return w, name[len(w) + 1:]
+    return None, name
+
+
+def _needs_ref(name: str) -> bool:
+    base = split_method(name)[1]
+    return base == "RMU" or METHODS[base][0] == "npo" or METHODS[base][1] == "klr"
+
+
+NEEDS_REF = {m for m in METHOD_NAMES if _needs_ref(m)}
 
 
 def nll(model, batches):
@@ -47,6 +65,7 @@ def build_objective(method: str, settings: dict, model, ref=None, seed: int = 0)
                              gamma=settings["gamma"], alpha=settings["alpha"], seed=seed)
     for p in model.parameters():
         p.requires_grad_(True)
+    method = split_method(method)[1]  # SURE / Robust choose their parameters later (robust.update)
     f_name = METHODS[method][0]
     hp = {"npo": {"beta": settings["npo_beta"]},
           "simnpo": {"beta": settings["simnpo_beta"], "delta": settings["simnpo_delta"]}}.get(f_name, {})

@@ -73,11 +73,19 @@ def unlearning_objective(method: str, gamma: float = 1.0, alpha: float = 1.0, re
     f_name, r_name = METHODS[method]
     f_loss, r_loss = FORGET[f_name], RETAIN[r_name]
 
+    def parts(model, batches):
+        """(gamma * forget term, alpha * retain term or None), for loops that treat them apart."""
+        f = gamma * f_loss(model, batches["forget"], ref=ref, **hp)
+        return f, (alpha * r_loss(model, batches["retain"], ref=ref) if r_loss is not None else None)
+
     def objective(model, batches):
-        loss = gamma * f_loss(model, batches["forget"], ref=ref, **hp)
-        if r_loss is not None:
-            loss = loss + alpha * r_loss(model, batches["retain"], ref=ref)
-        return loss
+        f, r = parts(model, batches)
+        return f if r is None else f + r
+
+    objective.parts = parts
+    # the forget term on one batch (saliency, attribution) and the retain NLL (retain Fisher)
+    objective.forget_loss = lambda model, batch: f_loss(model, batch, ref=ref, **hp)
+    objective.retain_nll = gdr
 
     objective.needs_ref = "npo" in f_name or r_name == "klr"
     objective.streams = ("forget", "retain") if r_loss is not None else ("forget",)

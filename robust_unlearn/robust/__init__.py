@@ -1,0 +1,2 @@
+"""Quantization-robust unlearning: the sparse robust update (``update``, ``saliency``) and the
+quantization-bin floor (``floor``)."""

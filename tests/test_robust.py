@@ -1,0 +1,106 @@
+"""SURE and the robust method on the tiny from-scratch target of test_methods.
+
+Bound, as for the baselines: forget answer probability <= 0.5x the target's, retain >= 0.6x.
+Structure: SURE changes only its salient modules; the robust method changes only the weights of its
+mask (the rest bit-identical to the target), never one that 30% magnitude pruning of the target would
+zero, and every weight it changed has a different NF4 code (by bitsandbytes' quantize_4bit) and int8
+code than the target's.
+"""
+import numpy as np
+import pytest
+import torch
+
+from robust_unlearn import pipeline
+from robust_unlearn.compress import compressible_linears
+from robust_unlearn.config import load_recipe
+from robust_unlearn.data import load_benchmark
+from robust_unlearn.metrics.weights import audit
+from robust_unlearn.models import load_model, read_metadata
+from robust_unlearn.robust.floor import verify_flips
+from robust_unlearn.robust.saliency import prune_threshold
+from robust_unlearn.unlearn import Reference, unlearn
+
+from test_methods import TINY, probs
+
+ROBUST = ["unlearn.sure_percentile=50", "unlearn.robust_topk=0.2", "unlearn.robust_floor=[nf4,int8]",
+          "unlearn.robust_nullspace=4", "unlearn.per_method.SURE_NPO_KLR.epochs=10",
+          "unlearn.per_method.Robust_GradDiff.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def setup(cache_dir, tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg = load_recipe(None, TINY + ROBUST + [f"cache_dir={cache_dir / 'methods'}"])
+    bench = load_benchmark(cfg)
+    base = pipeline.resolve_base("tiny", cache_dir / "methods", pipeline._texts(bench), 0)
+    target, key = pipeline.finetune_cached(cfg, bench, "target", base)
+    return cfg, bench, str(target), key, Reference(str(target)), tmp_path_factory.mktemp("robust")
+
+
+def _weights(path):
+    model, _ = load_model(str(path))
+    return model, {f"{n}.weight": m.weight.detach().clone() for n, m in compressible_linears(model)}
+
+
+@pytest.mark.parametrize("method", ["SURE_GradDiff", "SURE_NPO_KLR", "Robust_GradDiff"])
+def test_sure_and_robust_forget_and_keep_retain(setup, method):
+    cfg, bench, target, key, ref, out = setup
+    f0, r0 = probs(cfg, bench, target)
+    ckpt = unlearn(cfg, bench, target, key, method, out, ref)
+    f1, r1 = probs(cfg, bench, ckpt)
+    assert f1 <= 0.5 * f0 and r1 >= 0.6 * r0, (method, f0, f1, r0, r1)
+    meta = read_metadata(ckpt)
+    salient = set(meta["plan"]["salient"])
+    a, wa = _weights(target)
+    b, wb = _weights(ckpt)
+    changed = {n for n in wa if not torch.equal(wa[n], wb[n])}
+    assert changed and changed <= salient
+    # nothing outside the linear weights moves either (embeddings, norms, lm_head)
+    lin = set(wa)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if f"{n}" not in lin:
+            assert torch.equal(p, q), n
+
+
+def test_robust_update_is_sparse_pruning_safe_and_flips_codes(setup):
+    cfg, bench, target, key, ref, out = setup
+    ckpt = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
+    a, wa = _weights(target)
+    _, wb = _weights(ckpt)
+    thr = prune_threshold(a, 0.3)
+    n_salient = sum(wa[n].numel() for n in read_metadata(ckpt)["plan"]["salient"])
+    n_changed = 0
+    for n in wa:
+        upd = wa[n] != wb[n]
+        if not upd.any():
+            continue
+        n_changed += int(upd.sum())
+        assert float(wa[n][upd].abs().min()) >= thr  # pruning at 30% keeps every updated weight
+        rates = verify_flips(wa[n], wb[n], upd, ["nf4", "int8"])
+        assert all(r == 1.0 for r in rates.values()), (n, rates)
+    assert 0 < n_changed <= 0.2 * n_salient + 1
+
+
+def test_audit_reports_per_module_type(setup):
+    cfg, bench, target, key, ref, out = setup
+    ckpt = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
+    _, wa = _weights(target)
+    model, _ = load_model(str(ckpt))
+    rows = audit(wa, model)
+    assert set(rows) <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    moved = [r for r in rows.values() if r["frac_changed"] > 0]
+    assert moved and all(r["flip_rate"] == 1.0 for r in moved)
+    assert all(np.isnan(r["flip_rate"]) for r in rows.values() if r["frac_changed"] == 0)
+
+
+def test_audit_command_prints_the_table_side_by_side(setup, capsys, tmp_path):
+    from robust_unlearn.cli import main
+
+    cfg, bench, target, key, ref, out = setup
+    robust = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
+    sure = unlearn(cfg, bench, target, key, "SURE_GradDiff", out, ref)
+    assert main(["audit", target, f"robust={robust}", f"sure={sure}", "--json", str(tmp_path / "a.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| robust | " in text and "| sure | " in text and "NF4 flip rate" in text
+    assert main(["audit", target, str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
