@@ -32,17 +32,40 @@ HERE = Path(__file__).resolve().parent
 
 def table() -> None:
     """The Markdown table of every record in baseline_regimes.jsonl."""
-    print("| method | precision | lr | steps | alpha | mean abs dw | dw / NF4 bin | weights changed | "
+    print("| method | precision | lr | steps | alpha | other | mean abs dw | dw / NF4 bin | weights changed | "
           "forget: none / nf4 / prune20 / prune30 | retain: none / nf4 / prune20 / prune30 | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for line in (HERE / "baseline_regimes.jsonl").read_text().splitlines():
         r = json.loads(line)
         st, u, p = r["settings"], r["update"], r["probs"]
         cols = [c for c in ("none", "nf4", "prune20", "prune30") if c in p]
-        print(f"| {r['method']} | {st['precision']} | {st['lr']:g} | {r['steps']} | {st['alpha']:g} | "
+        other = []
+        if r["method"] == "RMU":
+            other = [f"c={st['rmu_steering']:g}", "down_proj" if "down_proj" in st["rmu_params"] else
+                     ("MLPs 0-7" if "[0-7]" in st["rmu_params"] else "MLPs 5-7")]
+        other += [f"stop<={st['stop_forget_prob']:g}/{st['stop_every']}"] if st.get("stop_forget_prob") else []
+        print(f"| {r['method']} | {st['precision']} | {st['lr']:g} | {r['steps']} | {st['alpha']:g} | {' '.join(other)} | "
               f"{u.get('mean_abs_dw', 0):.2e} | {u.get('mean_dw_over_nf4_bin', 0):.4f} | {u.get('frac_changed', 0):.3f} | "
               + " / ".join(f"{p[c][0]:.3f}" for c in cols) + " | " + " / ".join(f"{p[c][1]:.3f}" for c in cols)
               + f" | {r['seconds']:.0f} |")
+
+
+def wide_table(path: Path) -> None:
+    """Markdown table of robust-unlearning records: forget probability under every column + utility."""
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    cols = []
+    for r in recs:
+        cols += [c for c in r["probs"] if c not in cols]
+    print("| method | overrides | steps | updated weights | dw / NF4 bin | forget: " + " / ".join(cols)
+          + " | retain: none | utility |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in recs:
+        p, u = r["probs"], r.get("model_utility")
+        upd = r.get("plan", {}).get("updated_params", r["update"].get("frac_changed", 0))
+        print(f"| {r['method']} | {' '.join(o.replace('unlearn.', '') for o in r['overrides'])} | {r['steps']} | {upd} | "
+              f"{r['update'].get('mean_dw_over_nf4_bin', 0):.4f} | "
+              + " / ".join(f"{p[c][0]:.3f}" if c in p else "-" for c in cols)
+              + f" | {p['none'][1]:.3f} | {'-' if u is None else f'{u:.3f}'} |")
 
 
 def main() -> None:
@@ -56,7 +79,7 @@ def main() -> None:
                     help="JSONL file the record is appended to (robust ablations: evals/robust_ablation.jsonl)")
     args = ap.parse_args()
     if args.method == "table":
-        return table()
+        return table() if args.log.endswith("baseline_regimes.jsonl") else wide_table(Path(args.log))
     cfg = load_recipe(None, args.overrides)
     bench = load_benchmark(cfg)
     base = pipeline.resolve_base(cfg["model"]["base"], pipeline.config_mod.cache_dir(cfg), pipeline._texts(bench), cfg["seed"])

@@ -90,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
         "robust_prune_aware": 0.3, # never update weights magnitude pruning at this sparsity would zero
         "robust_floor": ["nf4"],   # formats whose code every updated weight must change (nf4, fp4, int8, rtn4-g128, ...)
         "robust_floor_margin": 0.2,  # how far past the bin edge, as a fraction of the new bin's width
+        "robust_floor_every": 0,   # also floor every this many steps, training on from there (0: at the end only)
         "per_method": {            # method -> {key: value} overriding the keys above for that method
             "GradDiff": {"lr": 1.5e-4, "stop_forget_prob": 0.12},
             "SimNPO": {"lr": 2.0e-4, "alpha": 0.1, "simnpo_beta": 2.5},

@@ -11,7 +11,7 @@ that ``train.train`` calls around every optimizer step:
   retain losses unchanged (as in gradient-projection continual learning, Saha et al. 2021);
 - after each step every weight outside the mask is put back to the target's value exactly (AdamW's
   decoupled weight decay would otherwise move it);
-- at the end, ``finish`` applies the floor (``robust.floor.apply_floor``): every updated weight
+- every ``robust_floor_every`` steps (0: only at the end) and at the end, ``finish`` applies the floor (``robust.floor.apply_floor``): every updated weight
   lands in a different quantization bin than the target's under each format named in
   ``robust_floor``, in the dtype the checkpoint is saved in.
 """
@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 class SparseUpdate:
     def __init__(self, model, masks: dict[str, torch.Tensor], nullspace: int = 0, floor: list[str] | None = None,
-                 floor_margin: float = 0.2):
+                 floor_margin: float = 0.2, floor_every: int = 0):
         named = dict(model.named_parameters())
         self.params = {n: named[n] for n in masks}
         self.masks = {n: m.to(named[n].device) for n, m in masks.items()}
         self.nullspace = int(nullspace)
         self.floor = list(floor or [])
         self.floor_margin = floor_margin
+        self.floor_every = int(floor_every)
+        self._steps = 0
         self.w0: dict[str, torch.Tensor] = {}
         self._retain: deque = deque(maxlen=max(self.nullspace, 1))
         self._gf: torch.Tensor | None = None
@@ -93,10 +95,13 @@ class SparseUpdate:
     def after_step(self) -> None:
         for n, p in self.params.items():
             p.data = torch.where(self.masks[n], p.data, self.w0[n])
+        self._steps += 1
+        if self.floor and self.floor_every and self._steps % self.floor_every == 0:
+            self.finish()  # projected steps: training goes on from the floored weights
 
     @torch.no_grad()
     def finish(self) -> dict:
-        """Apply the floor to the final weights (in their dtype) -> floor statistics."""
+        """Apply the floor to the current weights (in their dtype) -> floor statistics."""
         stats = {"updated_params": 0, "floor": self.floor}
         if not self.floor:
             stats["updated_params"] = sum(int((p.data != self.w0[n]).sum()) for n, p in self.params.items())
@@ -137,7 +142,8 @@ def plan_update(model, objective, datasets: dict, settings: dict, robust: bool, 
         masks, stats = build_masks(model, salient, attribution, settings["robust_topk"], fisher,
                                    settings["robust_fisher_exclude"], settings["robust_prune_aware"])
         update = SparseUpdate(model, masks, nullspace=settings["robust_nullspace"] if "retain" in datasets else 0,
-                              floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"])
+                              floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"],
+                              floor_every=settings["robust_floor_every"])
     stats["salient"] = salient
     stats["saliency_top"] = sorted(saliency.items(), key=lambda kv: -kv[1])[:10]
     log.info("update plan: %d salient modules, %d weights to update", stats["salient_modules"], stats["updated_params"])
