@@ -94,6 +94,12 @@ DEFAULTS: dict[str, Any] = {
         "per_method": {            # method -> {key: value} overriding the keys above for that method
             "GradDiff": {"lr": 1.5e-4, "stop_forget_prob": 0.12},
             "SimNPO": {"lr": 2.0e-4, "alpha": 0.1, "simnpo_beta": 2.5},
+            # the wrappers train in fp32: in bf16 a sparse update on weights above the prune30
+            # threshold would round away (|w| > 2^8 x lr does not move)
+            "SURE_GradDiff": {"precision": "fp32", "steps": 30},
+            "SURE_NPO_KLR": {"precision": "fp32", "steps": 30},
+            "Robust_GradDiff": {"precision": "fp32", "lr": 2.0e-3, "steps": 64, "stop_forget_prob": 0.08,
+                                "robust_topk": 0.03, "robust_floor_every": 4, "robust_floor_margin": 0.05},
             "RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 80, "alpha": 10.0, "stop_forget_prob": 0.15,
                     "rmu_params": "model\\.layers\\.(5|6|7)\\.mlp\\..*_proj\\.weight"},
         },

@@ -24,7 +24,12 @@ from test_methods import TINY, probs
 
 ROBUST = ["unlearn.sure_percentile=50", "unlearn.robust_topk=0.2", "unlearn.robust_floor=[nf4,int8]",
           "unlearn.robust_nullspace=4", "unlearn.per_method.SURE_NPO_KLR.epochs=10",
-          "unlearn.per_method.Robust_GradDiff.lr=3e-3"]
+          "unlearn.per_method.Robust_GradDiff.lr=3e-3",
+          # the recipe's per-method settings are for SmolLM2; the tiny model runs TINY's epochs
+          "unlearn.per_method.SURE_GradDiff.steps=null", "unlearn.per_method.SURE_NPO_KLR.steps=null",
+          "unlearn.per_method.Robust_GradDiff.steps=null", "unlearn.per_method.Robust_GradDiff.stop_forget_prob=null",
+          "unlearn.per_method.Robust_GradDiff.robust_topk=0.2", "unlearn.per_method.Robust_GradDiff.robust_floor_every=0",
+          "unlearn.per_method.Robust_GradDiff.robust_floor_margin=0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,17 @@ def test_audit_command_prints_the_table_side_by_side(setup, capsys, tmp_path):
     assert "| robust | " in text and "| sure | " in text and "NF4 flip rate" in text
     assert main(["audit", target, str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_floor_inside_the_loop_keeps_the_guarantee(setup):
+    cfg, bench, target, key, ref, out = setup
+    cfg2 = load_recipe(None, TINY + ROBUST + ["unlearn.per_method.Robust_GradDiff.robust_floor_every=2", "unlearn.robust_floor=[rtn4-g128]",
+                                              f"cache_dir={cfg['cache_dir']}"])
+    ckpt = unlearn(cfg2, bench, target, key, "Robust_GradDiff", out / "every", ref)
+    _, wa = _weights(target)
+    _, wb = _weights(ckpt)
+    moved = [n for n in wa if not torch.equal(wa[n], wb[n])]
+    assert moved
+    for n in moved:
+        upd = wa[n] != wb[n]
+        assert verify_flips(wa[n], wb[n], upd, ["rtn4-g128"])["rtn4-g128"] == 1.0
