@@ -174,7 +174,7 @@ def cmd_audit(args) -> int:
     import torch
 
     from .metrics.weights import audit, audit_table
-    from .models import check_model_dir, is_local, load_model
+    from .models import check_model_dir, is_local, load_model, read_metadata
 
     ckpts, _ = _sweep_checkpoints(args.checkpoints, args.label, None)
     for path in [args.target] + [c[1] for c in ckpts]:
@@ -191,8 +191,9 @@ def cmd_audit(args) -> int:
         if other != shapes:
             raise UserError(f"checkpoint '{path}' has different weights than the target '{args.target}' "
                             "(expected the same architecture: an unlearned copy of the target)")
+        saved = read_metadata(path).get("saved_dtype") if os.path.isdir(path) else None
         with torch.no_grad():
-            rows[label] = audit(before, model)
+            rows[label] = audit(before, model, saved_dtype=getattr(torch, saved) if saved else None)
         del model
     print(audit_table(rows))
     if args.json:

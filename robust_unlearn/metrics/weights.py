@@ -17,9 +17,9 @@ BLOCK = 64
 
 
 def nf4_code() -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+    from ..compress.quantize import _bnb  # bitsandbytes with its no-news import notices filtered
 
-    return bnbf.get_4bit_type("nf4", device="cpu").float()
+    return _bnb().functional.get_4bit_type("nf4", device="cpu").float()
 
 
 def nf4_bin_width(w: torch.Tensor, blocksize: int = BLOCK) -> torch.Tensor:
@@ -90,9 +90,11 @@ def _kth(x: torch.Tensor, q: float) -> float:
 
 
 @torch.no_grad()
-def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w: float = 0.10) -> dict[str, dict]:
+def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w: float = 0.10,
+          saved_dtype: torch.dtype | None = None) -> dict[str, dict]:
     """Per module type (q/k/v/o, gate/up/down; others by their own name) of ``model``'s linear
-    weights against ``before`` (the target's, name -> tensor):
+    weights against ``before`` (the target's, name -> tensor, rounded to ``saved_dtype``, the dtype the
+    checkpoint was saved in, default the model's):
 
     - ``mean_abs_dw``: mean |w - w_target| over all weights of the type;
     - ``dw_over_nf4_bin``: mean |dw| / NF4 bin width of the target weight (Zhang et al. 2024 report
@@ -109,7 +111,9 @@ def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w
         key = f"{name}.weight"
         if key not in before:
             continue
-        w0 = before[key].detach().float().cpu()
+        # the target as the checkpoint's dtype holds it: a bf16 checkpoint is compared with the target
+        # rounded to bf16 (that rounding alone moves nearly every weight by up to half an ulp)
+        w0 = before[key].detach().to(saved_dtype or mod.weight.dtype).float().cpu()
         w1 = mod.weight.detach().float().cpu()
         dw = (w1 - w0).abs()
         d = acc.setdefault(module_type(name), {"w0": [], "dw": [], "ratio": [], "flip": []})
@@ -143,6 +147,8 @@ def audit_table(rows: dict[str, dict[str, dict]]) -> str:
         if not per:
             lines.append(f"| {label} | (no linear weight changed) | | | | | | |")
         for t, r in per.items():
+            flip = "–" if r["frac_changed"] == 0 else f"{r['flip_rate']:.3f}"
+            enr = "–" if r["frac_changed"] == 0 else f"{r['enrichment']:.2f}x"
             lines.append(f"| {label} | {t} | {r['params']:,} | {r['mean_abs_dw']:.2e} | {r['dw_over_nf4_bin']:.4f} | "
-                         f"{r['frac_changed']:.4f} | {r['flip_rate']:.3f} | {r['enrichment']:.2f}x |")
+                         f"{r['frac_changed']:.4f} | {flip} | {enr} |")
     return "\n".join(lines)
