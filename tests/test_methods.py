@@ -26,7 +26,9 @@ TINY = ["model.base=tiny", "model.prompt=qa", "data.num_authors=4", "data.qa_per
         r"unlearn.per_method.RMU.rmu_params=model\.layers\.(0|1)\.mlp\.(down|up|gate)_proj\.weight",
         "unlearn.per_method.RMU.lr=2e-3", "unlearn.per_method.RMU.alpha=10", "unlearn.per_method.RMU.rmu_steering=5",
         "unlearn.per_method.SimNPO.lr=2e-3", "unlearn.per_method.SimNPO.alpha=5", "unlearn.per_method.SimNPO.simnpo_beta=4.5",
-        "unlearn.per_method.GA.epochs=10", "unlearn.per_method.NPO.epochs=10"]
+        "unlearn.per_method.GA.epochs=10", "unlearn.per_method.NPO.epochs=10",
+        # the recipe's GradDiff settings are for SmolLM2 (lr 1.5e-4, early stop at 0.12): TINY's instead
+        "unlearn.per_method.GradDiff.lr=5e-4", "unlearn.per_method.GradDiff.stop_forget_prob=null"]
 RETAIN_TERM = {"GradDiff", "GA_KLR", "NPO_GDR", "NPO_KLR", "SimNPO", "RMU"}
 
 
@@ -102,7 +104,7 @@ def test_diverging_ga_is_one_clear_error_and_saves_nothing(setup):
 
 def test_early_stop_at_forget_probability(setup):
     cfg, bench, target, key, ref, out = setup
-    cfg2 = load_recipe(None, TINY + ["unlearn.stop_forget_prob=0.5", "unlearn.stop_every=1",
+    cfg2 = load_recipe(None, TINY + ["unlearn.per_method.GradDiff.stop_forget_prob=0.5", "unlearn.stop_every=1",
                                      f"cache_dir={cfg['cache_dir']}"])
     meta = read_metadata(unlearn(cfg2, bench, target, key, "GradDiff", out / "stop", ref))
     hist = meta["forget_prob_history"]
