@@ -83,7 +83,7 @@ def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _kth(x: torch.Tensor, q: float) -> float:
+def kth_quantile(x: torch.Tensor, q: float) -> float:
     """The q-quantile of a 1-D tensor by ``kthvalue`` (``torch.quantile`` stops at 2^24 elements)."""
     k = min(max(1, int(round(q * x.numel()))), x.numel())
     return float(x.kthvalue(k).values)
@@ -132,8 +132,8 @@ def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w
                "flip_rate": float(flip[changed].float().mean()) if n_changed else float("nan"),
                "enrichment": float("nan")}
         if n_changed:
-            top = dw >= max(_kth(dw, 1 - top_dw), 1e-30)
-            small = w0 <= _kth(w0, bottom_w)
+            top = dw >= max(kth_quantile(dw, 1 - top_dw), 1e-30)
+            small = w0 <= kth_quantile(w0, bottom_w)
             row["enrichment"] = float((top & small).sum()) / max(int(top.sum()), 1) / bottom_w
         out[t] = row
     return out

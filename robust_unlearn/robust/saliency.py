@@ -24,13 +24,9 @@ import logging
 import torch
 
 from ..compress import compressible_linears
+from ..metrics.weights import kth_quantile
 
 log = logging.getLogger(__name__)
-
-
-def _kth(x: torch.Tensor, q: float) -> float:
-    k = min(max(1, int(round(q * x.numel()))), x.numel())
-    return float(x.kthvalue(k).values)
 
 
 def linear_weights(model) -> dict[str, torch.nn.Parameter]:
@@ -104,7 +100,7 @@ def salient_modules(saliency: dict[str, float], percentile: float) -> list[str]:
 def prune_threshold(model, sparsity: float) -> float:
     """|w| below which global magnitude pruning at ``sparsity`` zeroes a weight (``compress.prune``)."""
     flat = torch.cat([p.detach().abs().flatten().float() for p in linear_weights(model).values()])
-    return _kth(flat, sparsity)
+    return kth_quantile(flat, sparsity)
 
 
 def build_masks(model, salient: list[str], attribution: dict[str, torch.Tensor] | None, topk: float,
@@ -122,7 +118,7 @@ def build_masks(model, salient: list[str], attribution: dict[str, torch.Tensor] 
         stats["excluded_prune"] = stats["salient_params"] - sum(int(m.sum()) for m in cand.values())
     if fisher is not None and fisher_exclude > 0:
         allf = torch.cat([fisher[n].flatten() for n in cand])
-        t = _kth(allf, 1 - fisher_exclude)
+        t = kth_quantile(allf, 1 - fisher_exclude)
         before = sum(int(m.sum()) for m in cand.values())
         for n in cand:
             cand[n] &= fisher[n] < t
