@@ -108,6 +108,12 @@ DEFAULTS: dict[str, Any] = {
         "compressions": ["none", "int8", "nf4", "prune30"],
         "oracle": False,           # also sweep the retain oracle (else it is evaluated uncompressed only)
     },
+    # How a run executes; nothing here changes what it computes (not part of a checkpoint's spec key).
+    "runtime": {
+        "checkpoint_every": 0,     # save a resumable training state every N optimizer steps (0: never)
+        "shared_reference": True,  # NPO/KL/RMU reference = the model with its trained tensors swapped back
+                                   # to frozen copies of their originals, not a second full model
+    },
 }
 
 PRECISIONS = ("fp32", "mixed", "bf16")
