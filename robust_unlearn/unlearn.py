@@ -3,12 +3,17 @@
 One method at a time through the one training loop (``train.train``): the ``forget`` stream is the
 forget split (its epochs set the length), the ``retain`` stream is the retain training data
 (``train_oracle``: every retain author, as open-unlearning's retain90) cycled alongside. The frozen
-reference model (NPO, KL, RMU) is loaded once per run by :class:`Reference` and shared by every method
-that needs it. A non-finite loss stops the method before anything is written.
+reference (NPO, KL, RMU) is, with ``runtime.shared_reference`` (the default), the training model itself
+with its trained tensors swapped back to frozen copies (:class:`SharedReference`): it costs only the
+trained tensors, not a second model. Otherwise the whole target is loaded once per run by
+:class:`Reference` and shared by every method that needs it. A non-finite loss stops the method before
+anything is written. With ``runtime.checkpoint_every`` the training state is saved every N steps into a
+hidden sibling of the checkpoint directory, and a run started again resumes from it.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +49,34 @@ class Reference:
         return self._model
 
 
+class SharedReference:
+    """The frozen target without a second copy of it: the training model, called with its trained
+    tensors replaced by copies of their values before training (``torch.func.functional_call``).
+    Untrained tensors never move, so the outputs are the target's. Until :meth:`freeze` nothing has
+    trained and the model is its own reference (the saliency pass at the target weights)."""
+
+    def __init__(self, model):
+        self._model = model
+        self._orig: dict[str, torch.Tensor] = {}
+
+    def freeze(self) -> int:
+        """Copy the tensors that will train -> how many weights the reference holds."""
+        self._orig = {n: p.detach().clone() for n, p in self._model.named_parameters() if p.requires_grad}
+        return sum(t.numel() for t in self._orig.values())
+
+    def __call__(self, *args, **kwargs):
+        if not self._orig:
+            return self._model(*args, **kwargs)
+        params = dict(self._model.named_parameters())
+        for n, t in self._orig.items():  # follow the model's dtype (a bf16 run casts it after freeze)
+            if t.dtype != params[n].dtype:
+                self._orig[n] = t.to(params[n].dtype)
+        return torch.func.functional_call(self._model, self._orig, args, kwargs, strict=False)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 def retain_rows(bench):
     return bench["train_oracle"] if "train_oracle" in bench else bench["retain"]
 
@@ -70,8 +103,12 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     # run (that rounding alone moves every weight, by up to half a bf16 ulp)
     cast = torch.bfloat16 if settings["precision"] == "bf16" else torch.float32
     before = {f"{n}.weight": m.weight.detach().to(cast).float().clone() for n, m in compressible_linears(model)}
-    reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
-    ref = reference.get() if method in NEEDS_REF else None
+    shared = None
+    if method in NEEDS_REF and cfg["runtime"]["shared_reference"]:
+        ref = shared = SharedReference(model)
+    else:
+        reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
+        ref = reference.get() if method in NEEDS_REF else None
     objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
     fmt = formatter_for(tok, cfg)
     streams = {"forget": QADataset(bench["forget"], fmt)}
@@ -97,9 +134,19 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
 
     stop = forget_prob_reached if settings["stop_forget_prob"] is not None else None
 
-    train_cfg = dict(settings)
+    if shared is not None:
+        shared.freeze()
+    train_cfg = dict(settings, checkpoint_every=cfg["runtime"]["checkpoint_every"])
+    state_dir = out.parent / f".{out.name}.train"  # resumable states of this spec, removed once saved
     model, losses = train(model, objective, streams, train_cfg, seed=cfg["seed"], desc=f"unlearn {method}",
-                          primary="forget", stop=stop, constraint=constraint)
+                          primary="forget", stop=stop, constraint=constraint, state_dir=state_dir,
+                          extra={"forget_prob_history": history})
+    from accelerate.state import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # the main process writes the checkpoint
+        state.wait_for_everyone()
+        return out
     if constraint is not None:
         plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
     saved_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -107,13 +154,18 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             "saved_dtype": saved_dtype, "target": str(target), "steps": len(losses), "first_loss": losses[0],
             "final_loss": losses[-1], "forget_prob_history": history,
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1)}
+            "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1),
+            "launch": {"processes": state.num_processes, "distributed_type": str(state.distributed_type)},
+            "reference": None if method not in NEEDS_REF else ("shared" if shared is not None else "full copy")}
     if plan is not None:
         meta["plan"] = {k: v for k, v in plan.items() if k != "salient"}
         meta["plan"]["salient"] = plan["salient"]
     for p in model.parameters():
         p.requires_grad_(True)
     save_model(model, tok, out, meta)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
     log.info("%s: %d steps in %.0fs, update %s", method, len(losses), time.time() - t0, meta["update"])
     return out
 

@@ -83,6 +83,10 @@ def unlearning_objective(method: str, gamma: float = 1.0, alpha: float = 1.0, re
         return f if r is None else f + r
 
     objective.parts = parts
+    # the two terms apart, for the null-space step (each with its own forward and backward)
+    objective.forget_term = lambda model, batches: gamma * f_loss(model, batches["forget"], ref=ref, **hp)
+    objective.retain_term = (None if r_loss is None else
+                             lambda model, batches: alpha * r_loss(model, batches["retain"], ref=ref))
     # the forget term on one batch (saliency, attribution) and the retain NLL (retain Fisher)
     objective.forget_loss = lambda model, batch: f_loss(model, batch, ref=ref, **hp)
     objective.retain_nll = gdr
