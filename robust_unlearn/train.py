@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .data.collate import IGNORE
 from .errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,15 @@ def make_accelerator(precision: str) -> Accelerator:
     # Under `accelerate launch` with several processes the launcher's settings win.
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=MIXED[precision], cpu=not torch.cuda.is_available(),
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+    # DeepSpeed (under `accelerate launch`) also runs on the CPU, with the gloo backend
+    use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = []
+    if use_ds and not torch.cuda.is_available():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # accelerate finds no backend on a CPU
+    return Accelerator(mixed_precision=MIXED[precision], cpu=not torch.cuda.is_available() and not use_ds,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True), kwargs_handlers=handlers)
 
 
 def _configure_deepspeed(acc: Accelerator, cfg: dict) -> None:
@@ -123,7 +132,12 @@ class Engine:
             self.acc.backward(loss)
 
     def forget_grads(self, loss, params: list) -> list:
-        """Gradients of ``loss`` for ``params``, averaged over processes, not accumulated anywhere."""
+        """Gradients of ``loss`` for ``params``, averaged over processes, then cleared from the model."""
+        if self.deepspeed:  # through the engine (its hooks own the gradients), read back, cleared
+            self.model.backward(loss)
+            grads = [self.get_grad(p).detach().clone() for p in params]
+            self.model.optimizer.zero_grad(set_to_none=True)
+            return grads
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         if self.acc.num_processes > 1:
@@ -314,6 +328,12 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     split = constraint is not None and constraint.split_grads and getattr(objective, "retain_term", None) is not None
     for step in bar:
         batches = {name: next_batch(name) for name in loaders}
+            print("DBG", acc.process_index, step, {k: (int(b["input_ids"].sum()), tuple(b["input_ids"].shape)) for k, b in batches.items()}, flush=True)
+        if n_proc > 1:
+            for b in batches.values():  # token means over the global batch (methods.losses.token_mean)
+                if "labels" in b:
+                    n = (b["labels"][:, 1:] != IGNORE).sum().float()
+                    b["token_scale"] = n * n_proc / acc.reduce(n.clone(), "sum").clamp(min=1)
         if split:  # null-space step: the forget and retain gradients apart
             with acc.autocast():
                 f_loss = objective.forget_term(model, batches)

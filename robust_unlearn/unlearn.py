@@ -12,6 +12,7 @@ hidden sibling of the checkpoint directory, and a run started again resumes from
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -34,6 +35,24 @@ log = logging.getLogger(__name__)
 UNLEARN_VERSION = "ul-1"  # bump when the unlearning code changes what it produces
 
 
+@contextlib.contextmanager
+def _whole_weights():
+    """Load a model whole even while a DeepSpeed ZeRO-3 engine is active (transformers would
+    otherwise partition it at load, through the config accelerate registered)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    if active is None:
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(active)
+
+
 class Reference:
     """The frozen target, loaded on first use and kept for every method of the run."""
 
@@ -42,7 +61,8 @@ class Reference:
 
     def get(self):
         if self._model is None:
-            self._model, _ = load_model(self.path, "float32", self.trust)
+            with _whole_weights():
+                self._model, _ = load_model(self.path, "float32", self.trust)
             self._model.requires_grad_(False)
             self._model.eval()
             log.info("reference model loaded once from %s", self.path)
@@ -53,18 +73,32 @@ class SharedReference:
     """The frozen target without a second copy of it: the training model, called with its trained
     tensors replaced by copies of their values before training (``torch.func.functional_call``).
     Untrained tensors never move, so the outputs are the target's. Until :meth:`freeze` nothing has
-    trained and the model is its own reference (the saliency pass at the target weights)."""
+    trained and the model is its own reference (the saliency pass at the target weights).
 
-    def __init__(self, model):
-        self._model = model
+    Under DeepSpeed ZeRO-3 the model's tensors are partitioned and cannot be swapped: the reference
+    is then ``fallback`` (the whole target, loaded once: :class:`Reference`)."""
+
+    def __init__(self, model, fallback: "Reference"):
+        self._model, self._fallback = model, fallback
         self._orig: dict[str, torch.Tensor] = {}
+        self.kind = "shared"
 
     def freeze(self) -> int:
         """Copy the tensors that will train -> how many weights the reference holds."""
         self._orig = {n: p.detach().clone() for n, p in self._model.named_parameters() if p.requires_grad}
         return sum(t.numel() for t in self._orig.values())
 
+    def current(self):
+        """What to call for reference outputs now (itself, or the whole target under ZeRO-3)."""
+        if self._orig and hasattr(next(self._model.parameters()), "ds_id"):
+            self.kind = "full copy (ZeRO-3)"
+            return self._fallback.get()
+        return self
+
     def __call__(self, *args, **kwargs):
+        target = self.current()
+        if target is not self:
+            return target(*args, **kwargs)
         if not self._orig:
             return self._model(*args, **kwargs)
         params = dict(self._model.named_parameters())
@@ -104,10 +138,10 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     cast = torch.bfloat16 if settings["precision"] == "bf16" else torch.float32
     before = {f"{n}.weight": m.weight.detach().to(cast).float().clone() for n, m in compressible_linears(model)}
     shared = None
+    reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
     if method in NEEDS_REF and cfg["runtime"]["shared_reference"]:
-        ref = shared = SharedReference(model)
+        ref = shared = SharedReference(model, reference)
     else:
-        reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
         ref = reference.get() if method in NEEDS_REF else None
     objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
     fmt = formatter_for(tok, cfg)
@@ -156,7 +190,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1),
             "launch": {"processes": state.num_processes, "distributed_type": str(state.distributed_type)},
-            "reference": None if method not in NEEDS_REF else ("shared" if shared is not None else "full copy")}
+            "reference": None if method not in NEEDS_REF else (shared.kind if shared is not None else "full copy")}
     if plan is not None:
         meta["plan"] = {k: v for k, v in plan.items() if k != "salient"}
         meta["plan"]["salient"] = plan["salient"]

@@ -19,6 +19,7 @@ import torch
 
 from ..data.collate import IGNORE
 from ..errors import UserError
+from .losses import token_mean
 
 
 class _Stop(Exception):
@@ -41,12 +42,15 @@ def find_layer(model, index: int) -> torch.nn.Module:
 
 
 def layer_activations(model, batch: dict, layer: torch.nn.Module) -> torch.Tensor:
-    """Output hidden states of ``layer`` ([batch, tokens, hidden]); the rest of the forward is skipped."""
+    """Output hidden states of ``layer`` ([batch, tokens, hidden]); the rest of the forward is skipped
+    (except under DeepSpeed ZeRO-3, whose parameter prefetching expects every forward to complete)."""
     captured = {}
+    zero3 = hasattr(next(layer.parameters()), "ds_id")
 
     def hook(_mod, _inp, out):
         captured["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Stop
+        if not zero3:
+            raise _Stop
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -92,12 +96,13 @@ def rmu_objective(model, ref, layer: int = 7, steering: float = 20.0, gamma: flo
         lay = find_layer(m, layer)
         f = batches["forget"]
         h_f = layer_activations(m, f, lay)
-        loss = gamma * _masked_mse(h_f, control.to(h_f.device).expand_as(h_f), f["labels"])
+        loss = gamma * token_mean(_masked_mse(h_f, control.to(h_f.device).expand_as(h_f), f["labels"]), f)
         r = batches["retain"]
         h_r = layer_activations(m, r, lay)
         with torch.no_grad():
-            h_ref = layer_activations(ref, r, ref_layer)
-        return loss + alpha * _masked_mse(h_r, h_ref, r["labels"])
+            now = ref.current() if hasattr(ref, "current") else ref  # methods.unlearn.SharedReference
+            h_ref = layer_activations(now, r, ref_layer if now is ref else find_layer(now, layer))
+        return loss + alpha * token_mean(_masked_mse(h_r, h_ref, r["labels"]), r)
 
     objective.needs_ref = True
     objective.streams = ("forget", "retain")
