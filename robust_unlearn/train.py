@@ -328,7 +328,6 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     split = constraint is not None and constraint.split_grads and getattr(objective, "retain_term", None) is not None
     for step in bar:
         batches = {name: next_batch(name) for name in loaders}
-            print("DBG", acc.process_index, step, {k: (int(b["input_ids"].sum()), tuple(b["input_ids"].shape)) for k, b in batches.items()}, flush=True)
         if n_proc > 1:
             for b in batches.values():  # token means over the global batch (methods.losses.token_mean)
                 if "labels" in b:
