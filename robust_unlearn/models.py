@@ -120,10 +120,15 @@ def smollm2_gguf() -> Path:
     return f
 
 
+def smollm2_cache_dir(cache: Path, gguf: Path) -> Path:
+    """Where ``smollm2_base`` keeps the safetensors copy of ``gguf``."""
+    return cache / "base" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+
+
 def smollm2_base(cache: Path) -> Path:
     """Dequantize the GGUF once to an fp32 safetensors checkpoint in the cache; return its dir."""
     gguf = smollm2_gguf()
-    out = cache / "base" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    out = smollm2_cache_dir(cache, gguf)
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -29,12 +29,23 @@ FEATURES = datasets.Features({
 })
 
 
-def _fictitious_splits(d: dict) -> dict:
+def check_fictitious(d: dict) -> int:
+    """Forget authors of the built-in benchmark for the recipe's ``data`` section (``UserError`` if the
+    split leaves no retain author or asks for more question types than there are)."""
     pct = _percent(d["forget_split"])
     n = d["num_authors"]
     k = fictitious.forget_author_count(pct, n)
     if k >= n:
         raise UserError(f"data.forget_split '{d['forget_split']}' leaves no retain authors out of data.num_authors={n}")
+    most = len(fictitious.QUESTION_ORDER)
+    if not 1 <= d["qa_per_author"] <= most:
+        raise UserError(f"data.qa_per_author {d['qa_per_author']} must be in 1..{most} (question types per author)")
+    return k
+
+
+def _fictitious_splits(d: dict) -> dict:
+    n = d["num_authors"]
+    k = check_fictitious(d)
     gen = fictitious.generate(seed=d["seed"], num_authors=n, qa_per_author=d["qa_per_author"],
                               num_perturbed=d["num_perturbed"], holdout_authors=d["holdout_authors"])
     rows = gen["rows"]

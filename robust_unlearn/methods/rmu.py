@@ -26,16 +26,18 @@ class _Stop(Exception):
     pass
 
 
-def find_layer(model, index: int) -> torch.nn.Module:
-    """Decoder layer ``index`` (``model.model.layers[index]`` for Llama-style models)."""
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers (``model.model.layers`` for Llama-style models)."""
     base = getattr(model, "module", model)
-    layers = None
     for name, mod in base.named_modules():
         if name.endswith("layers") and isinstance(mod, torch.nn.ModuleList):
-            layers = mod
-            break
-    if layers is None:
-        raise UserError("RMU: the model has no '*.layers' ModuleList of decoder layers")
+            return mod
+    raise UserError("RMU: the model has no '*.layers' ModuleList of decoder layers")
+
+
+def find_layer(model, index: int) -> torch.nn.Module:
+    """Decoder layer ``index`` (``model.model.layers[index]`` for Llama-style models)."""
+    layers = decoder_layers(model)
     if not -len(layers) <= index < len(layers):
         raise UserError(f"unlearn.rmu_layer {index} is out of range: the model has {len(layers)} layers")
     return layers[index]
