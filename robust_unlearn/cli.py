@@ -264,15 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe YAML file (default: recipes/default.yaml) followed by dotted key=value overrides")
     c.set_defaults(func=cmd_check)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint with the TOFU metrics", epilog=EPILOG,
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint with its benchmark's metrics (TOFU, MUSE-News, WMDP)",
+                       epilog=EPILOG,
                        description="Evaluate any Hugging Face checkpoint on a benchmark; rows go to OUT/results.jsonl.")
     e.add_argument("model_dir", help="checkpoint directory (or hub id)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    e.add_argument("--benchmark", choices=["fictitious", "tofu"], help="benchmark (default: the recipe's)")
-    e.add_argument("--data-path", help="TOFU directory or hub id (with --benchmark tofu)")
+    e.add_argument("--benchmark", choices=["fictitious", "tofu", "muse_news", "wmdp"],
+                   help="benchmark (default: the recipe's)")
+    e.add_argument("--data-path", help="the benchmark's directory or hub id (tofu, muse_news, wmdp)")
     e.add_argument("--forget-split", help="forget split, e.g. forget10")
     e.add_argument("--recipe", help="recipe YAML whose data/model/eval settings to use (default: recipes/default.yaml)")
-    e.add_argument("--oracle", help="retain-oracle checkpoint, for forget_quality")
+    e.add_argument("--oracle", help="retain-oracle checkpoint, for forget_quality (TOFU) / privleak (MUSE)")
     e.add_argument("--label", help="model name in the ledger (default: the directory name)")
     e.add_argument("--out", help="run directory (default: runs/evaluate)")
     e.set_defaults(func=cmd_evaluate)

@@ -26,15 +26,22 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "cache_dir": None,  # None -> $ROBUST_UNLEARN_CACHE or ~/.cache/robust_unlearn
     "data": {
-        "name": "fictitious",      # fictitious | tofu
-        "path": None,              # tofu: local dir of TOFU JSON-lines files, or a hub id
-        "forget_split": "forget30",  # forgetNN; fictitious: NN% of the authors (>= 1 author)
+        "name": "fictitious",      # fictitious | tofu | muse_news | wmdp
+        "path": None,              # tofu: local dir of TOFU JSON-lines files, or a hub id; muse_news / wmdp: a
+                                   # local dir in the hub's layout or a hub id (None: muse-bench/MUSE-News, cais/wmdp)
+        "forget_split": "forget30",  # fictitious / tofu: forgetNN; fictitious: NN% of the authors (>= 1 author)
         "num_authors": 10,         # fictitious: authors seen in training (forget + retain)
         "qa_per_author": 6,        # fictitious: QA pairs per author (<= 8 question types)
         "num_perturbed": 3,        # fictitious: wrong answers per question (>= 3)
         "holdout_authors": 3,      # fictitious: authors never trained on
         "train_utility": None,     # also fine-tune on real_authors/world_facts; null: yes for fictitious, no for tofu (as TOFU)
         "limit": None,             # keep at most this many rows per split (quick runs)
+        # raw-text benchmarks (data/muse.py, data/wmdp.py)
+        "forget_corpus": None,     # muse_news: raw split (None: forget); wmdp: corpora, list or a,b (None: cyber-forget-corpus)
+        "retain_corpus": None,     # muse_news: raw split (None: retain1); wmdp: corpora or wikitext (None: wikitext, as RMU)
+        "corpus_path": None,       # wmdp: the corpora, local dir or hub id (None: cais/wmdp-corpora)
+        "mmlu_path": None,         # wmdp utility: MMLU CSV dir (test/<subject>_test.csv) or hub id (None: cais/mmlu)
+        "wmdp_subsets": None,      # wmdp: question sets evaluated (None: [wmdp-bio, wmdp-cyber])
     },
     "model": {
         "base": "smollm2-135m",    # smollm2-135m | tiny | a local checkpoint dir | a hub id
@@ -379,10 +386,16 @@ def recipe_problems(cfg: dict) -> list[str]:
     compressions, precisions, floor formats; value ranges), one line each. ``load_recipe`` raises the
     first; ``check_recipe`` adds what needs files or model configs."""
     out: list[str] = []
-    if cfg["data"]["name"] not in ("fictitious", "tofu"):
-        out.append(f"data.name '{cfg['data']['name']}' is unknown (expected fictitious or tofu)")
+    from .data import BENCHMARKS  # late: data imports datasets
+
+    if cfg["data"]["name"] not in BENCHMARKS:
+        out.append(f"data.name '{cfg['data']['name']}' is unknown (expected one of {', '.join(BENCHMARKS)})")
     if cfg["data"]["name"] == "tofu" and not cfg["data"]["path"]:
         out.append("data.path must name a TOFU directory or hub id when data.name=tofu")
+    try:
+        _validate_text_data(cfg["data"])
+    except UserError as exc:
+        out.append(str(exc))
     if cfg["finetune"]["precision"] not in PRECISIONS:
         out.append(f"finetune.precision '{cfg['finetune']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
     if cfg["model"]["prompt"] not in ("chat", "qa"):
@@ -615,6 +628,26 @@ def _rmu_problems(cfg: dict, methods: list[str], conf, where: str) -> list[str]:
 def _layer_of(param_name: str) -> int | None:
     m = re.search(r"\.layers\.(\d+)\.", param_name)
     return int(m.group(1)) if m else None
+
+
+def _validate_text_data(d: dict) -> None:
+    for key in ("path", "corpus_path", "mmlu_path"):
+        if d[key] is not None and not isinstance(d[key], str):
+            raise UserError(f"data.{key} must be a directory or hub id, got {d[key]!r}")
+    for key in ("forget_corpus", "retain_corpus", "wmdp_subsets"):
+        v = d[key]
+        if v is not None and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            raise UserError(f"data.{key} must be a name, a comma-separated string or a list of names, got {v!r}")
+    if d["name"] == "muse_news":
+        for key in ("forget_corpus", "retain_corpus"):
+            if d[key] is not None and (not isinstance(d[key], str) or "," in d[key]):
+                raise UserError(f"data.{key} must name one split of MUSE's raw config (e.g. forget, retain1), got {d[key]!r}")
+    if d["name"] == "wmdp":
+        from .data.wmdp import SUBSETS, names
+
+        for s in names(d["wmdp_subsets"], SUBSETS):
+            if s not in SUBSETS:
+                raise UserError(f"data.wmdp_subsets: unknown subset '{s}' (expected some of {', '.join(SUBSETS)})")
 
 
 def cache_dir(cfg: dict) -> Path:

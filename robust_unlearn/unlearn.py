@@ -24,8 +24,7 @@ import torch
 from .metrics.weights import update_stats
 from .compress import compressible_linears
 from .config import method_settings
-from .data import fingerprint
-from .data.collate import QADataset
+from .data import fingerprint, is_text_benchmark
 from .metrics.tofu import Evaluator
 from .methods import NEEDS_REF, build_objective, check_method, split_method
 from .models import load_model, read_metadata, save_model
@@ -119,7 +118,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             reference: Reference | None = None) -> Path:
     """Unlearn ``bench['forget']`` from ``target`` with ``method`` -> checkpoint dir (reused when the
     same spec was already trained into ``out_dir``)."""
-    from .pipeline import _hash, formatter_for  # the pipeline owns hashing and prompt formatting
+    from .pipeline import _hash, dataset_for, formatter_for  # the pipeline owns hashing and prompt formatting
 
     check_method(method)
     settings = method_settings(cfg, method)
@@ -145,23 +144,29 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         ref = reference.get() if method in NEEDS_REF else None
     objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
     fmt = formatter_for(tok, cfg)
-    streams = {"forget": QADataset(bench["forget"], fmt)}
+    streams = {"forget": dataset_for(cfg, bench["forget"], tok)}
     if "retain" in objective.streams:
-        streams["retain"] = QADataset(retain_rows(bench), fmt)
+        streams["retain"] = dataset_for(cfg, retain_rows(bench), tok)
     wrapper = split_method(method)[0]
     constraint, plan = None, None
     if wrapper is not None:  # SURE / Robust: which weights may move, chosen at the target weights
         from .robust.update import plan_update
 
         data = dict(streams)
-        data.setdefault("retain", QADataset(retain_rows(bench), fmt))
+        data.setdefault("retain", dataset_for(cfg, retain_rows(bench), tok))
         constraint, plan = plan_update(model, objective, data, settings, robust=wrapper == "Robust", seed=cfg["seed"])
     history: list[tuple[int, float]] = []
-    ev = Evaluator(fmt, batch_size=cfg["eval"]["batch_size"])
-    pairs = [(r["question"], r["answer"]) for r in bench["forget"]]
+    if is_text_benchmark(cfg):
+        forget_prob = _text_forget_prob(streams["forget"], cfg["eval"]["batch_size"])
+    else:
+        ev = Evaluator(fmt, batch_size=cfg["eval"]["batch_size"])
+        pairs = [(r["question"], r["answer"]) for r in bench["forget"]]
+
+        def forget_prob(m):
+            return float(np.exp(-ev.mean_nll(m, pairs)).mean())
 
     def forget_prob_reached(m, step):
-        p = float(np.exp(-ev.mean_nll(m, pairs)).mean())
+        p = forget_prob(m)
         history.append((step, p))
         log.info("%s: step %d forget probability %.3f", method, step, p)
         return p <= settings["stop_forget_prob"]
@@ -202,6 +207,22 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         state.wait_for_everyone()
     log.info("%s: %d steps in %.0fs, update %s", method, len(losses), time.time() - t0, meta["update"])
     return out
+
+
+def _text_forget_prob(ds, n: int):
+    """Raw-text benchmarks: the early-stop probe is exp(-mean token NLL) of each of the first ``n``
+    forget items (MUSE chunks, WMDP documents), averaged."""
+    from .scoring import answer_nll
+
+    batch = ds.collate([ds[i] for i in range(min(n, len(ds)))])
+
+    @torch.no_grad()
+    def forget_prob(m):
+        device = next(m.parameters()).device
+        total, count = answer_nll(m, {k: v.to(device) for k, v in batch.items()})
+        return float(torch.exp(-total / count.clamp(min=1)).mean())
+
+    return forget_prob
 
 
 def unlearn_all(cfg: dict, bench, target: str, target_id: str, run_dir: Path,

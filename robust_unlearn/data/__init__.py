@@ -6,6 +6,11 @@ Splits (rows: question, answer, paraphrased_answer, perturbed_answer, author):
 - ``forget``, ``retain``: evaluation sets (with paraphrased / perturbed answers when available)
 - ``real_authors``, ``world_facts``: utility sets (TOFU's names); ``holdout``: never-trained authors
 A split is absent when its data is (e.g. no ``world_facts_perturbed.json``): its metrics are skipped.
+
+The raw-text benchmarks (``TEXT_BENCHMARKS``: ``muse_news``, ``wmdp``) have their own splits (see
+``data.muse`` and ``data.wmdp``): ``train_target`` [``train_oracle``], ``forget`` and ``retain`` hold
+``{text}`` documents (trained on every token, :class:`data.collate.TextDataset`), the rest are their
+evaluation sets.
 """
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ import datasets
 from ..errors import UserError
 from . import fictitious
 from .tofu import _percent, load_tofu
+
+BENCHMARKS = ("fictitious", "tofu", "muse_news", "wmdp")
+# raw-text benchmarks -> how a corpus becomes training items (data.collate.TextDataset's mode)
+TEXT_BENCHMARKS = {"muse_news": "chunk", "wmdp": "document"}
 
 EVAL_SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
 FEATURES = datasets.Features({
@@ -62,12 +71,14 @@ def _fictitious_splits(d: dict) -> dict:
 def load_benchmark(cfg: dict) -> datasets.DatasetDict:
     """``cfg`` is the recipe (its ``data`` and ``seed`` keys are read)."""
     d = dict(cfg["data"], seed=cfg.get("seed", 0))
+    if d["name"] in TEXT_BENCHMARKS:
+        return _load_text_benchmark(d)
     if d["name"] == "fictitious":
         raw = _fictitious_splits(d)
     elif d["name"] == "tofu":
         raw = load_tofu(d["path"], d["forget_split"], need_oracle_train=cfg["model"].get("oracle") is None)
     else:
-        raise UserError(f"data.name '{d['name']}' is unknown (expected fictitious or tofu)")
+        raise UserError(f"data.name '{d['name']}' is unknown (expected one of {', '.join(BENCHMARKS)})")
     limit = d.get("limit")
     if limit is not None:
         raw = {k: (v[: int(limit)] if v is not None else None) for k, v in raw.items()}
@@ -84,6 +95,33 @@ def load_benchmark(cfg: dict) -> datasets.DatasetDict:
         if raw.get(name):
             splits[name] = raw[name]
     return datasets.DatasetDict({k: datasets.Dataset.from_list(v, features=FEATURES) for k, v in splits.items()})
+
+
+def _load_text_benchmark(d: dict) -> datasets.DatasetDict:
+    if d["name"] == "muse_news":
+        from .muse import ICL_SPLITS, load_muse
+
+        raw, keep = load_muse(d), ICL_SPLITS  # the in-context examples are prompt material: never cut
+    else:
+        from .wmdp import load_wmdp
+
+        raw, keep = load_wmdp(d), ()
+    limit = d.get("limit")
+    splits = {}
+    for name, rows in raw.items():
+        if limit is not None and name not in keep and not name.startswith("train_"):
+            rows = rows[: int(limit)]
+        if rows:
+            splits[name] = rows
+    if limit is not None:  # the training corpora follow the cut streams
+        splits["train_target"] = splits["forget"] + splits["retain"]
+        if "train_oracle" in splits:
+            splits["train_oracle"] = splits["retain"]
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+
+
+def is_text_benchmark(cfg: dict) -> bool:
+    return cfg["data"]["name"] in TEXT_BENCHMARKS
 
 
 def fingerprint(rows) -> str:
