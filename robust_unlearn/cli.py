@@ -44,10 +44,20 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return recipe, overrides
 
 
+def _one_process(command: str) -> None:
+    """Evaluation writes the ledger: several processes would each write every row."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1:
+        raise UserError(f"'{command}' runs as one process (it evaluates and writes the ledger), not under a "
+                        f"{n}-process launch: launch 'robust-unlearn unlearn' with accelerate, then sweep the "
+                        "checkpoints with 'robust-unlearn sweep' as one process")
+
+
 def cmd_run(args) -> int:
     from .config import load_recipe
     from .pipeline import run
 
+    _one_process("run")
     recipe, overrides = _split_recipe_and_overrides(args.items)
     cfg = load_recipe(recipe, overrides)
     run_dir = run(cfg, args.out, command="robust-unlearn " + shlex.join(sys.argv[1:]))
@@ -88,6 +98,7 @@ def cmd_evaluate(args) -> int:
     from .config import load_recipe
     from .pipeline import evaluate
 
+    _one_process("evaluate")
     cfg_over = list(args.overrides)
     if args.benchmark:
         cfg_over.append(f"data.name={args.benchmark}")
@@ -167,6 +178,7 @@ def _sweep_checkpoints(items: list[str], labels: str | None, oracle: str | None)
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
+    _one_process("sweep")
     from .compress import check_compression
     from .config import load_recipe
 

@@ -78,11 +78,19 @@ def finetune_cached(cfg: dict, bench, role: str, base: Path | str) -> tuple[Path
     ds = dataset_for(cfg, rows, tok)
     model, losses = train(model, get_objective("nll"), {"train": ds}, cfg["finetune"], seed=cfg["seed"],
                           desc=f"fine-tune {role}")
+    from accelerate.state import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # under several processes the main one writes the checkpoint
+        state.wait_for_everyone()
+        return out, key
     if cfg["finetune"]["precision"] == "bf16":
         model.to(torch.float32)
     meta = {"role": role, "spec": spec, "precision": cfg["finetune"]["precision"], "final_loss": losses[-1],
             "train_seconds": round(time.time() - t0, 1), "rows": len(rows)}
     save_model(model, tok, out, meta)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
     log.info("%s: fine-tuned in %.0fs (final loss %.3f)", role, time.time() - t0, losses[-1])
     return out, key
 

@@ -236,7 +236,8 @@ def _save_state(acc: Accelerator, state_dir: Path, step: int, losses: list, extr
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    acc.save_state(str(tmp))  # every process writes its part (RNG state; DeepSpeed: its partitions)
+    acc.wait_for_everyone()
     if acc.is_main_process:
         if constraint is not None:
             torch.save(constraint.state_dict(), tmp / "constraint.pt")

@@ -103,18 +103,24 @@ def test_zero_on_two_processes_matches_one_process(setup, stage, method):
         assert moved > 0
 
 
-def test_sigkilled_run_resumes_to_the_same_weights(setup):
+@pytest.mark.parametrize("engine", ["one process", "zero2"])
+def test_sigkilled_run_resumes_to_the_same_weights(setup, engine):
     """Robust_GradDiff (optimizer, scheduler, null-space history, floor-every-N state) with a state
-    saved every 2 steps: SIGKILL once a state exists, start again, compare with an uninterrupted run."""
+    saved every 2 steps: SIGKILL once a state exists, start again, compare with an uninterrupted run
+    (one process; and DeepSpeed ZeRO-2 on 2 processes, whose state is DeepSpeed's own checkpoint)."""
     cfg, bench, target, overrides, tmp = setup
     method = "Robust_GradDiff"
     ov = overrides + ["unlearn.per_method.Robust_GradDiff.steps=16", "runtime.checkpoint_every=2"]
-    whole = tmp / "uninterrupted"
-    _run(_cmd([sys.executable], ov, target, method, whole))
+    launch = [sys.executable]
+    if engine == "zero2":
+        launch += ["-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "recipes" / "accelerate" / "zero2.yaml"), "--num_processes", "2"]
+    whole = tmp / f"uninterrupted-{engine}"
+    _run(_cmd(launch, ov, target, method, whole))
 
-    out = tmp / "killed"
-    proc = subprocess.Popen(_cmd([sys.executable], ov, target, method, out), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp / f"killed-{engine}"
+    proc = subprocess.Popen(_cmd(launch, ov, target, method, out), cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     try:
         while time.time() < deadline:
@@ -123,15 +129,16 @@ def test_sigkilled_run_resumes_to_the_same_weights(setup):
                 break
             time.sleep(0.02)
         assert states, "no training state was written before the run ended"
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every process it started
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not list((out / "checkpoints").glob(f"{method}-*/config.json"))  # killed before the end
     step = int(states[0].parent.name.split("-")[1])
     assert 0 < step < 16
 
-    _run(_cmd([sys.executable], ov, target, method, out))
+    _run(_cmd(launch, ov, target, method, out))
     a, b = _ckpt(whole, method), _ckpt(out, method)
     sa, sb = load_model(str(a))[0].state_dict(), load_model(str(b))[0].state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # bit for bit
