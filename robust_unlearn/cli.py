@@ -131,8 +131,10 @@ def cmd_unlearn(args) -> int:
     bench = load_benchmark(cfg)
     target, target_id = target_checkpoint(cfg, bench, args.target)
     out = args.out or os.path.join("runs", cfg["name"])
-    for method, path in unlearn_all(cfg, bench, target, target_id, out, methods).items():
-        print(f"{method}\t{path}")
+    done = unlearn_all(cfg, bench, target, target_id, out, methods)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: once, from the main process
+        for method, path in done.items():
+            print(f"{method}\t{path}")
     return 0
 
 

@@ -12,7 +12,6 @@ hidden sibling of the checkpoint directory, and a run started again resumes from
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -34,24 +33,6 @@ log = logging.getLogger(__name__)
 UNLEARN_VERSION = "ul-1"  # bump when the unlearning code changes what it produces
 
 
-@contextlib.contextmanager
-def _whole_weights():
-    """Load a model whole even while a DeepSpeed ZeRO-3 engine is active (transformers would
-    otherwise partition it at load, through the config accelerate registered)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    active = ref() if ref is not None else None
-    if active is None:
-        yield
-        return
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds.set_hf_deepspeed_config(active)
-
-
 class Reference:
     """The frozen target, loaded on first use and kept for every method of the run."""
 
@@ -60,8 +41,7 @@ class Reference:
 
     def get(self):
         if self._model is None:
-            with _whole_weights():
-                self._model, _ = load_model(self.path, "float32", self.trust)
+            self._model, _ = load_model(self.path, "float32", self.trust)
             self._model.requires_grad_(False)
             self._model.eval()
             log.info("reference model loaded once from %s", self.path)
