@@ -1,4 +1,5 @@
-"""``robust-unlearn``: run | evaluate | unlearn | sweep | audit | report. User mistakes print one line and exit with code 2."""
+"""``robust-unlearn``: run | check | evaluate | unlearn | sweep | audit | report. User mistakes print one line and
+exit with code 2 (``check`` lists every problem of a recipe and exits 1)."""
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,20 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
     return recipe, overrides
 
 
+def _one_process(command: str) -> None:
+    """Evaluation writes the ledger: several processes would each write every row."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    if n > 1:
+        raise UserError(f"'{command}' runs as one process (it evaluates and writes the ledger), not under a "
+                        f"{n}-process launch: launch 'robust-unlearn unlearn' with accelerate, then sweep the "
+                        "checkpoints with 'robust-unlearn sweep' as one process")
+
+
 def cmd_run(args) -> int:
     from .config import load_recipe
     from .pipeline import run
 
+    _one_process("run")
     recipe, overrides = _split_recipe_and_overrides(args.items)
     cfg = load_recipe(recipe, overrides)
     run_dir = run(cfg, args.out, command="robust-unlearn " + shlex.join(sys.argv[1:]))
@@ -55,10 +66,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .config import DEFAULT_RECIPE, check_recipe
+
+    recipe, overrides = _split_recipe_and_overrides(args.items)
+    label = recipe or os.path.relpath(DEFAULT_RECIPE)
+    res = check_recipe(recipe, overrides)
+    for problem in res.problems:
+        print(f"{label}: {problem}")
+    if res.problems:
+        for note in res.notes:
+            print(f"{label}: note: {note}")
+        n = len(res.problems)
+        print(f"{label}: {n} problem{'s' if n > 1 else ''}")
+        return 1
+    cfg = res.cfg
+    d = cfg["data"]
+    data = f"{d['name']} {d['forget_split']}" + (f" from {d['path']}" if d["name"] == "tofu" else "")
+    print(f"{label}: ok")
+    print(f"  methods:      {', '.join(cfg['unlearn']['methods']) or '(none)'}")
+    print(f"  compressions: {', '.join(cfg['sweep']['compressions'])}")
+    print(f"  data:         {data}")
+    for role, desc in res.models.items():
+        print(f"  {'model.' + role + ':':<14}{desc}")
+    for note in res.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .config import load_recipe
     from .pipeline import evaluate
 
+    _one_process("evaluate")
     cfg_over = list(args.overrides)
     if args.benchmark:
         cfg_over.append(f"data.name={args.benchmark}")
@@ -91,8 +131,10 @@ def cmd_unlearn(args) -> int:
     bench = load_benchmark(cfg)
     target, target_id = target_checkpoint(cfg, bench, args.target)
     out = args.out or os.path.join("runs", cfg["name"])
-    for method, path in unlearn_all(cfg, bench, target, target_id, out, methods).items():
-        print(f"{method}\t{path}")
+    done = unlearn_all(cfg, bench, target, target_id, out, methods)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: once, from the main process
+        for method, path in done.items():
+            print(f"{method}\t{path}")
     return 0
 
 
@@ -138,6 +180,7 @@ def _sweep_checkpoints(items: list[str], labels: str | None, oracle: str | None)
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
+    _one_process("sweep")
     from .compress import check_compression
     from .config import load_recipe
 
@@ -225,15 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     r.set_defaults(func=cmd_run)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint with the TOFU metrics", epilog=EPILOG,
+    c = sub.add_parser("check", help="validate a recipe offline and list every problem", epilog=EPILOG,
+                       description="Check a recipe without training or downloading anything: unknown keys, value "
+                       "types and ranges, method / compression / precision / floor-format names, the data split and "
+                       "a local TOFU directory's files, and each local model directory's config.json (read without "
+                       "weights) against the RMU settings. Prints every problem, one line each, and exits 1; prints "
+                       "a short summary and exits 0 when there is none. Hub ids are noted as not checked.")
+    c.add_argument("items", nargs="*", metavar="RECIPE_OR_KEY=VALUE",
+                   help="a recipe YAML file (default: recipes/default.yaml) followed by dotted key=value overrides")
+    c.set_defaults(func=cmd_check)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint with its benchmark's metrics (TOFU, MUSE-News, WMDP)",
+                       epilog=EPILOG,
                        description="Evaluate any Hugging Face checkpoint on a benchmark; rows go to OUT/results.jsonl.")
     e.add_argument("model_dir", help="checkpoint directory (or hub id)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    e.add_argument("--benchmark", choices=["fictitious", "tofu"], help="benchmark (default: the recipe's)")
-    e.add_argument("--data-path", help="TOFU directory or hub id (with --benchmark tofu)")
+    e.add_argument("--benchmark", choices=["fictitious", "tofu", "muse_news", "wmdp"],
+                   help="benchmark (default: the recipe's)")
+    e.add_argument("--data-path", help="the benchmark's directory or hub id (tofu, muse_news, wmdp)")
     e.add_argument("--forget-split", help="forget split, e.g. forget10")
     e.add_argument("--recipe", help="recipe YAML whose data/model/eval settings to use (default: recipes/default.yaml)")
-    e.add_argument("--oracle", help="retain-oracle checkpoint, for forget_quality")
+    e.add_argument("--oracle", help="retain-oracle checkpoint, for forget_quality (TOFU) / privleak (MUSE)")
     e.add_argument("--label", help="model name in the ledger (default: the directory name)")
     e.add_argument("--out", help="run directory (default: runs/evaluate)")
     e.set_defaults(func=cmd_evaluate)

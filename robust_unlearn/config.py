@@ -7,10 +7,12 @@ anything). ``recipes/default.yaml`` spells the defaults out; a test keeps the tw
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -24,15 +26,22 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "cache_dir": None,  # None -> $ROBUST_UNLEARN_CACHE or ~/.cache/robust_unlearn
     "data": {
-        "name": "fictitious",      # fictitious | tofu
-        "path": None,              # tofu: local dir of TOFU JSON-lines files, or a hub id
-        "forget_split": "forget30",  # forgetNN; fictitious: NN% of the authors (>= 1 author)
+        "name": "fictitious",      # fictitious | tofu | muse_news | wmdp
+        "path": None,              # tofu: local dir of TOFU JSON-lines files, or a hub id; muse_news / wmdp: a
+                                   # local dir in the hub's layout or a hub id (None: muse-bench/MUSE-News, cais/wmdp)
+        "forget_split": "forget30",  # fictitious / tofu: forgetNN; fictitious: NN% of the authors (>= 1 author)
         "num_authors": 10,         # fictitious: authors seen in training (forget + retain)
         "qa_per_author": 6,        # fictitious: QA pairs per author (<= 8 question types)
         "num_perturbed": 3,        # fictitious: wrong answers per question (>= 3)
         "holdout_authors": 3,      # fictitious: authors never trained on
         "train_utility": None,     # also fine-tune on real_authors/world_facts; null: yes for fictitious, no for tofu (as TOFU)
         "limit": None,             # keep at most this many rows per split (quick runs)
+        # raw-text benchmarks (data/muse.py, data/wmdp.py)
+        "forget_corpus": None,     # muse_news: raw split (None: forget); wmdp: corpora, list or a,b (None: cyber-forget-corpus)
+        "retain_corpus": None,     # muse_news: raw split (None: retain1); wmdp: corpora or wikitext (None: wikitext, as RMU)
+        "corpus_path": None,       # wmdp: the corpora, local dir or hub id (None: cais/wmdp-corpora)
+        "mmlu_path": None,         # wmdp utility: MMLU CSV dir (test/<subject>_test.csv) or hub id (None: cais/mmlu)
+        "wmdp_subsets": None,      # wmdp: question sets evaluated (None: [wmdp-bio, wmdp-cyber])
     },
     "model": {
         "base": "smollm2-135m",    # smollm2-135m | tiny | a local checkpoint dir | a hub id
@@ -108,32 +117,69 @@ DEFAULTS: dict[str, Any] = {
         "compressions": ["none", "int8", "nf4", "prune30"],
         "oracle": False,           # also sweep the retain oracle (else it is evaluated uncompressed only)
     },
+    # How a run executes; nothing here changes what it computes (not part of a checkpoint's spec key).
+    "runtime": {
+        "checkpoint_every": 0,     # save a resumable training state every N optimizer steps (0: never)
+        "shared_reference": True,  # NPO/KL/RMU reference = the model with its trained tensors swapped back
+                                   # to frozen copies of their originals, not a second full model
+    },
 }
 
 PRECISIONS = ("fp32", "mixed", "bf16")
+# keys whose default is None: the type a value must have when it is not null
+NULLABLE = {"cache_dir": str, "data.path": str, "data.train_utility": bool, "data.limit": int,
+            "model.target": str, "model.oracle": str}
+# keys (last part of the dotted name) with a value by default that may also be null
+NULL_OK = ("system_prompt", "steps", "stop_forget_prob")
 
 
-def _merge(base: dict, update: dict, where: str) -> dict:
+def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
+    """``base`` with ``update`` merged in; each unknown key or ill-typed value is appended to
+    ``problems`` (and left at its value in ``base``), so that every one of them is found at once."""
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
         path = f"{where}{key}"
         if key not in base:
             valid = ", ".join(sorted(base))
-            raise UserError(f"unknown recipe key '{path}' (valid keys here: {valid})")
-        if isinstance(base[key], dict) and key == "per_method":
+            problems.append(f"unknown recipe key '{path}' (valid keys here: {valid})")
+        elif isinstance(base[key], dict) and key == "per_method":
             if not isinstance(value, dict):
-                raise UserError(f"recipe key '{path}' must be a mapping of method -> settings, got {value!r}")
+                problems.append(f"recipe key '{path}' must be a mapping of method -> settings, got {value!r}")
+                continue
             settings = {k: v for k, v in DEFAULTS["unlearn"].items() if k not in ("methods", "per_method")}
             for method, over in value.items():
-                checked = _merge(settings, over or {}, f"{path}.{method}.")  # known keys, right types
-                out[key].setdefault(method, {}).update({k: checked[k] for k in (over or {})})
+                if over is not None and not isinstance(over, dict):
+                    problems.append(f"recipe key '{path}.{method}' must be a mapping of setting -> value, got {over!r}")
+                    continue
+                good = {}
+                for k, v in (over or {}).items():  # known keys, right types
+                    before = len(problems)
+                    checked = _merge(settings, {k: v}, f"{path}.{method}.", problems)
+                    if len(problems) == before:
+                        good[k] = checked[k]
+                out[key].setdefault(method, {}).update(good)
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise UserError(f"recipe key '{path}' must be a mapping, got {value!r}")
-            out[key] = _merge(base[key], value, path + ".")
+                problems.append(f"recipe key '{path}' must be a mapping, got {value!r}")
+                continue
+            out[key] = _merge(base[key], value, path + ".", problems)
         else:
-            out[key] = _check_type(path, base[key], value)
+            try:
+                out[key] = _check_type(path, _schema_default(path), value)
+            except UserError as exc:
+                problems.append(str(exc))
     return out
+
+
+def _schema_default(path: str) -> Any:
+    """The value in DEFAULTS that types the key ``path`` (``unlearn.per_method.<m>.<k>``: ``unlearn.<k>``)."""
+    parts = path.split(".")
+    if parts[:2] == ["unlearn", "per_method"] and len(parts) == 4:
+        return DEFAULTS["unlearn"][parts[3]]
+    node = DEFAULTS
+    for part in parts:
+        node = node[part]
+    return node
 
 
 def method_settings(cfg: dict, method: str) -> dict:
@@ -144,8 +190,14 @@ def method_settings(cfg: dict, method: str) -> dict:
 
 
 def _check_type(path: str, default: Any, value: Any) -> Any:
-    if default is None or value is None:
+    if default is None and value is not None and path in NULLABLE:
+        default = NULLABLE[path]()  # the type's empty value stands in for the check below
+    if default is None:
         return value
+    if value is None:
+        if path.rsplit(".", 1)[-1] in NULL_OK:
+            return value
+        raise UserError(f"recipe key '{path}' must not be null")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"recipe key '{path}' must be true or false, got {value!r}")
@@ -153,7 +205,9 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"recipe key '{path}' must be a number, got {value!r}")
-        return type(default)(value) if isinstance(default, float) else value
+        if isinstance(default, float):
+            return float(value)
+        return int(value) if isinstance(value, float) and value.is_integer() else value  # "1e3" -> 1000
     if isinstance(default, str) and not isinstance(value, str):
         raise UserError(f"recipe key '{path}' must be a string, got {value!r}")
     if isinstance(default, list) and not isinstance(value, list):
@@ -161,21 +215,32 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
     return value
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["data.name=tofu", "finetune.lr=1e-5"]`` -> nested dict (values parsed as YAML scalars)."""
+def parse_overrides(items: list[str], problems: list[str] | None = None) -> dict:
+    """``["data.name=tofu", "finetune.lr=1e-5"]`` -> nested dict (values parsed as YAML scalars).
+    A malformed item raises ``UserError``, or is appended to ``problems`` when a list is given."""
     out: dict = {}
     for item in items:
-        if "=" not in item:
-            raise UserError(f"override '{item}' must look like dotted.key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        if isinstance(value, str) and _looks_numeric(value):
-            value = float(value)
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        try:
+            if "=" not in item:
+                raise UserError(f"override '{item}' must look like dotted.key=value")
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError:
+                raise UserError(f"override '{item}': the value is not a valid YAML scalar or list") from None
+            if isinstance(value, str) and _looks_numeric(value):
+                value = float(value)
+            node = out
+            parts = key.strip().split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise UserError(f"override '{item}' sets a key inside '{part}', which another override sets to a value")
+            node[parts[-1]] = value
+        except UserError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
     return out
 
 
@@ -195,70 +260,394 @@ def _fix_numbers(node: Any) -> Any:
     return node
 
 
-def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults <- recipe file <- overrides; validated. ``path=None`` is the built-in default."""
+def _assemble(path, overrides: list[str], problems: list[str]) -> dict | None:
+    """Defaults <- recipe file <- overrides, each problem appended to ``problems``; None when the
+    file itself cannot be read (nothing else can be checked then)."""
     recipe: dict = {}
     if path is None:
         path = DEFAULT_RECIPE if DEFAULT_RECIPE.exists() else None
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise UserError(f"recipe file '{p}' not found (expected a YAML file, e.g. recipes/default.yaml)")
+            problems.append(f"recipe file '{p}' not found (expected a YAML file, e.g. recipes/default.yaml)")
+            return None
         try:
             recipe = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"recipe file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+            problems.append(f"recipe file '{p}' is not valid YAML: {str(exc).splitlines()[0]}")
+            return None
         if not isinstance(recipe, dict):
-            raise UserError(f"recipe file '{p}' must hold a mapping of keys, got {type(recipe).__name__}")
+            problems.append(f"recipe file '{p}' must hold a mapping of keys, got {type(recipe).__name__}")
+            return None
         recipe = _fix_numbers(recipe)
         recipe.setdefault("name", p.stem)
-    cfg = _merge(DEFAULTS, recipe, "")
-    cfg = _merge(cfg, parse_overrides(overrides or []), "")
-    validate(cfg)
+    cfg = _merge(DEFAULTS, recipe, "", problems)
+    return _merge(cfg, parse_overrides(overrides or [], problems), "", problems)
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults <- recipe file <- overrides; validated (``UserError`` naming the first problem;
+    ``check_recipe`` lists them all). ``path=None`` is the built-in default."""
+    problems: list[str] = []
+    cfg = _assemble(path, overrides, problems)
+    if cfg is not None:
+        problems += recipe_problems(cfg)
+    if problems:
+        raise UserError(problems[0])
     return cfg
 
 
 def validate(cfg: dict) -> None:
-    if cfg["data"]["name"] not in ("fictitious", "tofu"):
-        raise UserError(f"data.name '{cfg['data']['name']}' is unknown (expected fictitious or tofu)")
+    """``UserError`` naming the first of ``recipe_problems(cfg)``."""
+    problems = recipe_problems(cfg)
+    if problems:
+        raise UserError(problems[0])
+
+
+class _Range:
+    """Allowed numbers of one key: bounds (open or closed), whole numbers only."""
+
+    def __init__(self, lo=None, hi=None, *, open_lo=False, open_hi=False, whole=False):
+        self.lo, self.hi, self.open_lo, self.open_hi, self.whole = lo, hi, open_lo, open_hi, whole
+
+    def problem(self, path: str, value: Any) -> str | None:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # null where allowed, or a type problem (both the merge's business)
+        ok = math.isfinite(value) and not (self.whole and value != int(value))
+        ok = ok and (self.lo is None or (value > self.lo if self.open_lo else value >= self.lo))
+        ok = ok and (self.hi is None or (value < self.hi if self.open_hi else value <= self.hi))
+        return None if ok else f"{path} {value} must be {self.describe()}"
+
+    def describe(self) -> str:
+        what = "a whole number" if self.whole else "a number"
+        if self.lo is not None and self.hi is not None:
+            return (f"{what} in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}{')' if self.open_hi else ']'}")
+        if self.lo is not None:
+            return f"{what} {'>' if self.open_lo else '>='} {self.lo:g}"
+        return what
+
+
+_POSITIVE = _Range(0, open_lo=True)
+_NONNEG = _Range(0)
+_FRACTION = _Range(0, 1)
+_COUNT = _Range(1, whole=True)
+_RANGES = {  # key -> allowed values (recipe keys outside unlearn)
+    "seed": _Range(whole=True),
+    "data.num_authors": _Range(2, whole=True),
+    "data.qa_per_author": _COUNT,
+    "data.num_perturbed": _Range(3, whole=True),
+    "data.holdout_authors": _Range(0, whole=True),
+    "data.limit": _Range(1, whole=True),
+    "model.max_length": _COUNT,
+    "finetune.epochs": _POSITIVE,
+    "finetune.lr": _POSITIVE,
+    "finetune.batch_size": _COUNT,
+    "finetune.weight_decay": _NONNEG,
+    "finetune.warmup_ratio": _FRACTION,
+    "finetune.grad_clip": _NONNEG,
+    "eval.batch_size": _COUNT,
+    "eval.max_new_tokens": _COUNT,
+    "runtime.checkpoint_every": _Range(0, whole=True),
+}
+_SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
+    "lr": _POSITIVE,
+    "steps": _Range(0, whole=True),
+    "epochs": _POSITIVE,
+    "batch_size": _COUNT,
+    "gamma": _NONNEG,
+    "alpha": _NONNEG,
+    "weight_decay": _NONNEG,
+    "warmup_ratio": _FRACTION,
+    "grad_clip": _NONNEG,
+    "npo_beta": _POSITIVE,
+    "simnpo_beta": _POSITIVE,
+    "rmu_layer": _Range(whole=True),
+    "stop_forget_prob": _Range(0, 1),
+    "stop_every": _COUNT,
+    "sure_percentile": _Range(0, 100, open_hi=True),
+    "robust_topk": _FRACTION,
+    "robust_fisher_exclude": _FRACTION,
+    "robust_nullspace": _Range(0, whole=True),
+    "robust_prune_aware": _FRACTION,
+    "robust_floor_margin": _Range(0, 0.5, open_lo=True, open_hi=True),
+    "robust_floor_every": _Range(0, whole=True),
+}
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def recipe_problems(cfg: dict) -> list[str]:
+    """Every problem of a merged recipe that needs nothing but the recipe (names of methods,
+    compressions, precisions, floor formats; value ranges), one line each. ``load_recipe`` raises the
+    first; ``check_recipe`` adds what needs files or model configs."""
+    out: list[str] = []
+    from .data import BENCHMARKS  # late: data imports datasets
+
+    if cfg["data"]["name"] not in BENCHMARKS:
+        out.append(f"data.name '{cfg['data']['name']}' is unknown (expected one of {', '.join(BENCHMARKS)})")
     if cfg["data"]["name"] == "tofu" and not cfg["data"]["path"]:
-        raise UserError("data.path must name a TOFU directory or hub id when data.name=tofu")
+        out.append("data.path must name a TOFU directory or hub id when data.name=tofu")
+    try:
+        _validate_text_data(cfg["data"])
+    except UserError as exc:
+        out.append(str(exc))
     if cfg["finetune"]["precision"] not in PRECISIONS:
-        raise UserError(f"finetune.precision '{cfg['finetune']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
+        out.append(f"finetune.precision '{cfg['finetune']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
     if cfg["model"]["prompt"] not in ("chat", "qa"):
-        raise UserError(f"model.prompt '{cfg['model']['prompt']}' is unknown (expected chat or qa)")
-    if cfg["data"]["num_perturbed"] < 3:
-        raise UserError("data.num_perturbed must be at least 3")
+        out.append(f"model.prompt '{cfg['model']['prompt']}' is unknown (expected chat or qa)")
     from .methods import check_method  # late: methods import torch
 
     for m in cfg["unlearn"]["methods"]:
-        check_method(m, "unlearn.methods")
-    for m, over in cfg["unlearn"]["per_method"].items():
-        check_method(m, "unlearn.per_method")
-        p = method_settings(cfg, m)["precision"]
-        if p not in PRECISIONS:
-            raise UserError(f"unlearn.per_method.{m}.precision '{p}' is unknown (expected one of {', '.join(PRECISIONS)})")
-    from .robust.floor import parse_format
+        try:
+            check_method(m, "unlearn.methods")
+        except UserError as exc:
+            out.append(str(exc))
+    for m in cfg["unlearn"]["per_method"]:
+        try:
+            check_method(m, "unlearn.per_method")
+        except UserError as exc:
+            out.append(str(exc))
+    # each unlearning setting where it is set: under unlearn, or under one method's per_method
+    scopes = [("unlearn", cfg["unlearn"], [k for k in cfg["unlearn"] if k not in ("methods", "per_method")])]
+    scopes += [(f"unlearn.per_method.{m}", method_settings(cfg, m), list(over))
+               for m, over in cfg["unlearn"]["per_method"].items()]
+    from .robust.floor import MAX_FORMATS, parse_format
 
-    for m in [None] + list(cfg["unlearn"]["per_method"]):
-        st = method_settings(cfg, m) if m else cfg["unlearn"]
-        where = f"unlearn.per_method.{m}" if m else "unlearn"
-        for f in st["robust_floor"]:
+    for where, st, keys in scopes:
+        for k in keys:
+            if k in _SETTING_RANGES:
+                p = _SETTING_RANGES[k].problem(f"{where}.{k}", st[k])
+                if p:
+                    out.append(p)
+        if "precision" in keys and st["precision"] not in PRECISIONS:
+            out.append(f"{where}.precision '{st['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
+        if "schedule" in keys:
+            out += _schedule_problems(f"{where}.schedule", st["schedule"])
+        if "robust_floor" in keys:
+            formats = set()
+            for f in st["robust_floor"]:
+                try:
+                    formats.add(parse_format(f).key)
+                except UserError as exc:
+                    out.append(f"{where}.robust_floor: {exc}")
+            if len(formats) > MAX_FORMATS:
+                out.append(f"{where}.robust_floor names {len(formats)} formats (at most {MAX_FORMATS} at once)")
+        if "rmu_params" in keys:
             try:
-                parse_format(f)
-            except UserError as exc:
-                raise UserError(f"{where}.robust_floor: {exc}") from None
-        if not 0 <= st["sure_percentile"] < 100:
-            raise UserError(f"{where}.sure_percentile {st['sure_percentile']} must be in [0, 100)")
-        for k in ("robust_topk", "robust_fisher_exclude", "robust_prune_aware"):
-            if not 0 <= st[k] <= 1:
-                raise UserError(f"{where}.{k} {st[k]} must be a fraction in [0, 1]")
-    if cfg["unlearn"]["precision"] not in PRECISIONS:
-        raise UserError(f"unlearn.precision '{cfg['unlearn']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
+                re.compile(st["rmu_params"])
+            except (re.error, TypeError) as exc:
+                out.append(f"{where}.rmu_params '{st['rmu_params']}' is not a valid regular expression ({exc})")
     from .compress import check_compression
 
     for c in cfg["sweep"]["compressions"]:
-        check_compression(c, "sweep.compressions")
+        try:
+            check_compression(str(c), "sweep.compressions")
+        except UserError as exc:
+            out.append(str(exc))
+    for key, rule in _RANGES.items():
+        p = rule.problem(key, _get(cfg, key))
+        if p:
+            out.append(p)
+    out += _schedule_problems("finetune.schedule", cfg["finetune"]["schedule"])
+    return out
+
+
+def _schedule_problems(where: str, name: Any) -> list[str]:
+    from transformers import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    return [] if name in names else [f"{where} '{name}' is unknown (expected a transformers scheduler: {', '.join(names)})"]
+
+
+class RecipeCheck(NamedTuple):
+    cfg: dict | None        # the merged recipe (None when the file could not be read)
+    problems: list[str]     # one line each; empty: the recipe is fine
+    notes: list[str]        # what was not checked, or what a run will skip
+    models: dict[str, str]  # model.base / target / oracle -> how it was checked
+
+
+def check_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RecipeCheck:
+    """Every problem of a recipe at once, offline: what ``load_recipe`` checks, plus the data
+    (split names, a local TOFU directory's files) and the models (a local checkpoint's config.json,
+    read without weights: ``unlearn.rmu_layer`` and ``unlearn.rmu_params`` against its layers and
+    parameter names). Hub ids are noted as not checked."""
+    problems: list[str] = []
+    cfg = _assemble(path, overrides, problems)
+    if cfg is None:
+        return RecipeCheck(None, problems, [], {})
+    problems += recipe_problems(cfg)
+    notes: list[str] = []
+    _check_data(cfg, problems, notes)
+    models = _check_models(cfg, problems, notes)
+    return RecipeCheck(cfg, problems, notes, models)
+
+
+def _check_data(cfg: dict, problems: list[str], notes: list[str]) -> None:
+    from .data import check_fictitious
+    from .data.tofu import file_problems
+
+    d = cfg["data"]
+    try:
+        if d["name"] == "fictitious":
+            check_fictitious(d)
+            if d["path"]:
+                notes.append(f"data.path '{d['path']}' is not read when data.name=fictitious")
+        elif d["name"] == "tofu" and d["path"]:
+            bad, skipped = file_problems(d["path"], d["forget_split"], need_oracle_train=cfg["model"]["oracle"] is None)
+            problems += bad
+            notes += skipped
+    except UserError as exc:
+        problems.append(str(exc))
+
+
+def _model_config(cfg: dict, role: str, problems: list[str]) -> tuple[Any, str]:
+    """-> (transformers config or None, a short description) of ``model.<role>``."""
+    from .models import check_model_dir, is_local, smollm2_cache_dir, smollm2_gguf, tiny_config
+
+    name = cfg["model"][role]
+    where = f"model.{role} '{name}'"
+    gguf_file = None
+    if role == "base" and name == "tiny":
+        return tiny_config(vocab_size=1024), "built-in tiny: llama, 2 layers"
+    if role == "base" and name == "smollm2-135m":
+        try:
+            gguf = smollm2_gguf()
+        except UserError as exc:
+            problems.append(f"model.base: {exc}")
+            return None, "built-in SmolLM2-135M-Instruct, missing"
+        desc = "built-in SmolLM2-135M-Instruct"
+        p = smollm2_cache_dir(cache_dir(cfg), gguf)  # its safetensors copy, once made; else the GGUF's metadata
+        if not (p / "config.json").is_file():
+            p, gguf_file = gguf.parent, gguf.name
+    elif not is_local(name):
+        return None, "hub id, not checked offline"
+    else:
+        p = Path(name).expanduser()
+        if not p.exists():
+            problems.append(f"{where} not found (expected a local checkpoint directory or a hub id such as org/name)")
+            return None, "not found"
+        try:
+            check_model_dir(p)
+        except UserError as exc:
+            problems.append(f"model.{role}: {exc}")
+            return None, "not a checkpoint"
+        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+            problems.append(f"{where} has no tokenizer files (expected tokenizer.json or tokenizer_config.json "
+                            "saved with the checkpoint)")
+        desc = "local"
+    try:
+        conf = _read_config(str(p), cfg["model"]["trust_remote_code"], gguf_file)
+    except Exception as exc:  # transformers raises OSError / ValueError / KeyError for bad configs
+        problems.append(f"{where}: its config could not be read ({str(exc).splitlines()[0]})")
+        return None, "unreadable config"
+    return conf, f"{desc}: {getattr(conf, 'model_type', '?')}, {getattr(conf, 'num_hidden_layers', '?')} layers"
+
+
+@functools.lru_cache(maxsize=16)
+def _read_config(path: str, trust_remote_code: bool, gguf_file: str | None = None):
+    from transformers import AutoConfig
+
+    from .models import _quiet_transformers
+
+    _quiet_transformers()
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+
+
+def _check_models(cfg: dict, problems: list[str], notes: list[str]) -> dict[str, str]:
+    m = cfg["model"]
+    base_needed = m["target"] is None or m["oracle"] is None
+    models, configs, descs = {}, {}, {}
+    for role in ("base", "target", "oracle"):
+        if m[role] is None:
+            models[role] = "fine-tuned from model.base"
+        elif role == "base" and not base_needed:
+            models[role] = "not used (model.target and model.oracle are given)"
+        else:
+            configs[role], descs[role] = _model_config(cfg, role, problems)
+            models[role] = f"{m[role]} ({descs[role]})"
+    # the unlearned model has the target's architecture (the base's when the target is fine-tuned)
+    role = "target" if m["target"] is not None else "base"
+    rmu = [x for x in cfg["unlearn"]["methods"] if _base_method(x) == "RMU"]
+    if rmu and configs.get(role) is None:
+        notes.append(f"RMU's rmu_layer and rmu_params not checked against model.{role} ({descs[role]})")
+    elif rmu:
+        problems += _rmu_problems(cfg, rmu, configs[role], f"model.{role} '{m[role]}'")
+    return models
+
+
+def _base_method(name: str) -> str | None:
+    from .methods import METHOD_NAMES, split_method
+
+    return split_method(name)[1] if name in METHOD_NAMES else None
+
+
+def _rmu_problems(cfg: dict, methods: list[str], conf, where: str) -> list[str]:
+    """``rmu_layer`` in range and ``rmu_params`` matching parameters that reach its loss, for each RMU
+    method, on the model built from ``conf`` on the meta device (no memory for weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .methods.rmu import decoder_layers, find_layer, set_trainable
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg["model"]["trust_remote_code"])
+    except Exception as exc:  # an architecture transformers cannot build
+        return [f"{where}: cannot build the model from its config to check RMU ({str(exc).splitlines()[0]})"]
+    out = []
+    for method in methods:
+        st = method_settings(cfg, method)
+        try:
+            re.compile(st["rmu_params"])
+        except (re.error, TypeError):
+            continue  # reported by recipe_problems
+        if not isinstance(st["rmu_layer"], int):
+            continue  # reported by recipe_problems
+        found = []
+        for check in (lambda: find_layer(model, st["rmu_layer"]), lambda: set_trainable(model, st["rmu_params"])):
+            try:
+                found.append(check())
+            except UserError as exc:
+                out.append(f"{method} on {where}: {exc}")
+        if len(found) < 2:
+            continue
+        # the loss is taken at the output of layer rmu_layer: only the embeddings and layers up to it train
+        names, layer = found[1], st["rmu_layer"] % len(decoder_layers(model))
+        if not [n for n in names if (_layer_of(n) is not None and _layer_of(n) <= layer) or "embed" in n]:
+            out.append(f"{method} on {where}: unlearn.rmu_params '{st['rmu_params']}' matches only parameters after "
+                       f"layer {st['rmu_layer']} (e.g. {names[0]}), which RMU's loss at that layer does not train")
+    return out
+
+
+def _layer_of(param_name: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", param_name)
+    return int(m.group(1)) if m else None
+
+
+def _validate_text_data(d: dict) -> None:
+    for key in ("path", "corpus_path", "mmlu_path"):
+        if d[key] is not None and not isinstance(d[key], str):
+            raise UserError(f"data.{key} must be a directory or hub id, got {d[key]!r}")
+    for key in ("forget_corpus", "retain_corpus", "wmdp_subsets"):
+        v = d[key]
+        if v is not None and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
+            raise UserError(f"data.{key} must be a name, a comma-separated string or a list of names, got {v!r}")
+    if d["name"] == "muse_news":
+        for key in ("forget_corpus", "retain_corpus"):
+            if d[key] is not None and (not isinstance(d[key], str) or "," in d[key]):
+                raise UserError(f"data.{key} must name one split of MUSE's raw config (e.g. forget, retain1), got {d[key]!r}")
+    if d["name"] == "wmdp":
+        from .data.wmdp import SUBSETS, names
+
+        for s in names(d["wmdp_subsets"], SUBSETS):
+            if s not in SUBSETS:
+                raise UserError(f"data.wmdp_subsets: unknown subset '{s}' (expected some of {', '.join(SUBSETS)})")
 
 
 def cache_dir(cfg: dict) -> Path:

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import json
 import logging
@@ -52,8 +54,27 @@ def is_local(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
+@contextlib.contextmanager
+def whole_weights():
+    """Load a model whole even while a DeepSpeed ZeRO-3 engine is active (transformers would
+    otherwise partition it at load, through the config accelerate registered)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    if active is None:
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(active)
+
+
 def load_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
-    """-> (model, tokenizer). ``name``: a local checkpoint directory or a hub id."""
+    """-> (model, tokenizer), whole (even while a DeepSpeed ZeRO-3 engine of an earlier method is
+    alive: the training loop partitions it itself). ``name``: a local checkpoint directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -62,7 +83,8 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_cod
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        with whole_weights():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from None
     check_compatible(model, tok, name)
@@ -120,10 +142,15 @@ def smollm2_gguf() -> Path:
     return f
 
 
+def smollm2_cache_dir(cache: Path, gguf: Path) -> Path:
+    """Where ``smollm2_base`` keeps the safetensors copy of ``gguf``."""
+    return cache / "base" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+
+
 def smollm2_base(cache: Path) -> Path:
     """Dequantize the GGUF once to an fp32 safetensors checkpoint in the cache; return its dir."""
     gguf = smollm2_gguf()
-    out = cache / "base" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    out = smollm2_cache_dir(cache, gguf)
     if (out / "config.json").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

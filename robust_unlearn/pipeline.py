@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from . import config as config_mod
-from .data import fingerprint, load_benchmark
-from .data.collate import QADataset, QAFormatter
+from .data import TEXT_BENCHMARKS, fingerprint, load_benchmark
+from .data.collate import QADataset, QAFormatter, TextDataset
 from .errors import UserError
 from .methods import get_objective
 from .metrics.tofu import Evaluator, SplitStats
@@ -38,12 +38,25 @@ def _base_identity(base: Path | str) -> dict:
 
 
 def _texts(bench) -> list[str]:
-    return [t for r in bench["train_target"] for t in (r["question"], r["answer"])]
+    rows = bench["train_target"]
+    if "text" in rows.column_names:  # a raw-text benchmark
+        return list(rows["text"])
+    return [t for r in rows for t in (r["question"], r["answer"])]
 
 
 def formatter_for(tok, cfg: dict) -> QAFormatter:
     m = cfg["model"]
     return QAFormatter(tok, prompt=m["prompt"], system_prompt=m["system_prompt"], max_length=m["max_length"])
+
+
+def dataset_for(cfg: dict, rows, tok):
+    """Training items of ``rows`` for this recipe's benchmark: QA pairs in the model's prompt format
+    (answer tokens trained), or raw text (every token trained; MUSE chunks, WMDP documents), both
+    cut to ``model.max_length`` tokens."""
+    mode = TEXT_BENCHMARKS.get(cfg["data"]["name"])
+    if mode is not None:
+        return TextDataset(rows, tok, cfg["model"]["max_length"], mode)
+    return QADataset(rows, formatter_for(tok, cfg))
 
 
 def finetune_cached(cfg: dict, bench, role: str, base: Path | str) -> tuple[Path, str]:
@@ -62,14 +75,22 @@ def finetune_cached(cfg: dict, bench, role: str, base: Path | str) -> tuple[Path
     model, tok = load_model(str(base), "float32", cfg["model"]["trust_remote_code"])
     if cfg["finetune"]["freeze_embeddings"]:
         model.get_input_embeddings().weight.requires_grad_(False)
-    ds = QADataset(rows, formatter_for(tok, cfg))
+    ds = dataset_for(cfg, rows, tok)
     model, losses = train(model, get_objective("nll"), {"train": ds}, cfg["finetune"], seed=cfg["seed"],
                           desc=f"fine-tune {role}")
+    from accelerate.state import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # under several processes the main one writes the checkpoint
+        state.wait_for_everyone()
+        return out, key
     if cfg["finetune"]["precision"] == "bf16":
         model.to(torch.float32)
     meta = {"role": role, "spec": spec, "precision": cfg["finetune"]["precision"], "final_loss": losses[-1],
             "train_seconds": round(time.time() - t0, 1), "rows": len(rows)}
     save_model(model, tok, out, meta)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
     log.info("%s: fine-tuned in %.0fs (final loss %.3f)", role, time.time() - t0, losses[-1])
     return out, key
 
@@ -97,13 +118,6 @@ def _save_stats(path: Path, per: dict[str, SplitStats]) -> None:
     tmp.replace(path)
 
 
-def _load_forget_tr(path: Path) -> np.ndarray | None:
-    if not path.is_file():
-        return None
-    tr = json.loads(path.read_text()).get("forget", {}).get("truth_ratio")
-    return np.array(tr) if tr is not None else None
-
-
 def evaluate_checkpoint(cfg: dict, bench, run_dir: Path, label: str, ckpt: str, ckpt_id: str | None = None,
                         method: str = "none", oracle_stats: Path | None = None,
                         evaluator: Evaluator | None = None) -> tuple[dict, Path]:
@@ -117,8 +131,10 @@ def evaluate_checkpoint(cfg: dict, bench, run_dir: Path, label: str, ckpt: str, 
 
 
 def _split_of(metric: str) -> str:
-    if metric == "model_utility":
+    if metric in ("model_utility", "mmlu_acc"):
         return "utility"
+    if metric in ("privleak", "mia_min_k") or metric.startswith("wmdp_"):
+        return "forget"  # MUSE's attack on the forget set; WMDP's hazardous knowledge
     return metric.split("_", 1)[0]
 
 
@@ -161,7 +177,12 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
     if "oracle" in models:
         _, oracle_stats = evaluate_checkpoint(cfg, bench, run_dir, "oracle", *models["oracle"])
     else:
-        log.warning("no retain oracle (data has no retain split and model.oracle is unset): forget_quality skipped")
+        from .metrics import suite_for
+
+        ref_metric = suite_for(cfg).reference_metric
+        if ref_metric is not None:
+            log.warning("no retain oracle (data has no retain split and model.oracle is unset): %s %s", ref_metric,
+                        "skipped" if ref_metric == "forget_quality" else "uses its default reference")
     evaluate_checkpoint(cfg, bench, run_dir, "target", *models["target"], oracle_stats=oracle_stats)
     # unlearn -> compress -> evaluate: every method from the one target, then the sweep over
     # target, oracle and every unlearned checkpoint (each loaded once)
@@ -176,12 +197,21 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
     models.update({m: (str(path), None) for m, path in unlearned.items()})
     sweep(cfg, bench, run_dir, checkpoints, cfg["sweep"]["compressions"], oracle=oracle_stats)
     info = {"name": cfg["name"], "benchmark": cfg["data"]["name"] + (f" ({cfg['data']['path']})" if cfg["data"]["path"] else ""),
-            "forget_split": cfg["data"]["forget_split"], "base_model": cfg["model"]["base"],
+            "forget_split": _forget_name(cfg), "base_model": cfg["model"]["base"],
             "models": {k: v[0] for k, v in models.items()}, "wall_time_s": round(time.time() - t0, 1),
             "command": command}
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
     write_report(run_dir, info)
     return run_dir
+
+
+def _forget_name(cfg: dict) -> str:
+    d = cfg["data"]
+    if d["name"] not in TEXT_BENCHMARKS:
+        return d["forget_split"]
+    default = "forget" if d["name"] == "muse_news" else "cyber-forget-corpus"
+    corpus = d["forget_corpus"] or default
+    return ",".join(corpus) if isinstance(corpus, list) else corpus
 
 
 def evaluate(cfg: dict, model_dir: str, out: str | Path, label: str | None = None, oracle: str | None = None) -> dict:

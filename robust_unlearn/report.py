@@ -10,9 +10,25 @@ from pathlib import Path
 from .ledger import Ledger
 
 MAIN = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "forget_quality", "model_utility",
-        "retain_Q_A_Prob", "retain_Q_A_ROUGE", "holdout_Q_A_Prob")
+        "retain_Q_A_Prob", "retain_Q_A_ROUGE", "holdout_Q_A_Prob",
+        # MUSE-News, WMDP (a ledger holds one benchmark's metrics; absent ones are not shown)
+        "forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
+        "wmdp_bio_acc", "wmdp_cyber_acc", "wmdp_chem_acc", "mmlu_acc")
 MODEL_ORDER = {"target": 0, "oracle": 1}
-PIVOT = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_quality", "model_utility")
+PIVOT = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_quality", "model_utility",
+         "forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
+         "wmdp_bio_acc", "wmdp_cyber_acc", "wmdp_chem_acc", "mmlu_acc")
+# per benchmark: (heatmap metric, scatter x, scatter y); the first whose heatmap metric is in the ledger
+PLOTS = (("forget_Q_A_Prob", "forget_Q_A_Prob", "model_utility"),
+         ("forget_knowmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE"),
+         ("wmdp_bio_acc", "wmdp_bio_acc", "mmlu_acc"),
+         ("wmdp_cyber_acc", "wmdp_cyber_acc", "mmlu_acc"))
+NOTES = {"forget_Q_A_Prob": "Metrics follow TOFU (Maini et al. 2024) as open-unlearning computes them; "
+                            "see `robust_unlearn/metrics/tofu.py` for the exact definitions.",
+         "forget_knowmem_ROUGE": "Metrics follow MUSE (Shi et al. 2024) as open-unlearning computes them; "
+                                 "see `robust_unlearn/metrics/muse.py` for the exact definitions.",
+         "mmlu_acc": "WMDP (Li et al. 2024) and MMLU zero-shot accuracy as lm-evaluation-harness computes it; "
+                     "see `robust_unlearn/metrics/wmdp.py` for the exact definitions."}
 HEATMAP, SCATTER = "forget_heatmap.png", "utility_vs_forget.png"
 
 
@@ -60,8 +76,9 @@ def write_report(run_dir: str | Path, info: dict | None = None) -> Path:
             c = cells[key]
             lines.append(f"| {key[0]} | {key[2]} | " + " | ".join(_fmt(c.get(m)) for m in others) + " |")
     lines += sweep_section(run_dir, rows)
-    lines += ["", "Metrics follow TOFU (Maini et al. 2024) as open-unlearning computes them; "
-              "see `robust_unlearn/metrics/tofu.py` for the exact definitions.", ""]
+    present = {m for c in cells.values() for m in c}
+    notes = [text for metric, text in NOTES.items() if metric in present and metric != "forget_Q_A_Prob"]
+    lines += ["", *(notes or [NOTES["forget_Q_A_Prob"]]), ""]
     out = run_dir / "report.md"
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines))
@@ -99,9 +116,15 @@ def sweep_section(run_dir: Path, rows: list[dict]) -> list[str]:
     for r in rows:
         precision[(r["model"], r["method"])] = r.get("precision") or "–"
         checkpoint[(r["model"], r["method"])] = r.get("checkpoint") or "–"
+    names = {r["metric"] for r in rows}
+    if "privleak" in names:
+        ref_note = "privleak compares every cell with the retain oracle's uncompressed Min-K% AUC."
+    elif "mmlu_acc" in names or any(n.startswith("wmdp_") for n in names):
+        ref_note = "WMDP has no retain oracle: accuracies are absolute (chance is 0.25)."
+    else:
+        ref_note = "forget_quality compares every cell with the retain oracle's uncompressed forget truth ratios."
     lines = ["", "## Compression sweep", "",
-             "Rows: models (target and retain oracle first); columns: compressions in sweep order. "
-             "forget_quality compares every cell with the retain oracle's uncompressed forget truth ratios.", "",
+             "Rows: models (target and retain oracle first); columns: compressions in sweep order. " + ref_note, "",
              "| model | method | precision | checkpoint |", "|---|---|---|---|"]
     lines += [f"| {m} | {meth} | {precision[(m, meth)]} | `{checkpoint[(m, meth)]}` |" for m, meth in models]
     for metric in PIVOT:
@@ -110,10 +133,14 @@ def sweep_section(run_dir: Path, rows: list[dict]) -> list[str]:
         lines += ["", f"### {metric}", "", "| model | " + " | ".join(comps) + " |", "|---|" + "---|" * len(comps)]
         for m in models:
             lines.append(f"| {_label(m)} | " + " | ".join(_fmt(value.get((*m, c, metric))) for c in comps) + " |")
-    for name, title in ((HEATMAP, "Forget answer probability"), (SCATTER, "Utility vs forgetting")):
+    metrics = {r["metric"] for r in rows}
+    heat, x, y = next((p for p in PLOTS if p[0] in metrics), PLOTS[0])
+    for name, title in ((HEATMAP, "Forget answer probability" if heat == PLOTS[0][0] else heat),
+                        (SCATTER, "Utility vs forgetting")):
         path = run_dir / name
         try:
-            drawn = (plot_forget_heatmap if name == HEATMAP else plot_utility_vs_forget)(path, rows)
+            drawn = (plot_forget_heatmap(path, rows, heat) if name == HEATMAP
+                     else plot_utility_vs_forget(path, rows, x, y))
         except ImportError:  # matplotlib is optional for the tables
             drawn = False
         if drawn:

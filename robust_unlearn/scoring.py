@@ -42,6 +42,14 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return logits[:, :-1].float(), labels[:, start + 1:]
 
 
+def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (NLL of every target token, mask of the scored ones), both [batch, positions], float32."""
+    logits, target = answer_logits(model, batch)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view(target.shape)
+    return nll, target != IGNORE
+
+
 def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (sum of token NLLs, number of answer tokens), one entry per example, float32."""
     logits, target = answer_logits(model, batch)
@@ -99,3 +107,17 @@ def shared_prompt_nll(model, prompts: list[list[int]], answers: list[list[list[i
         res.append([(sums[j + k], counts[j + k]) for k in range(len(group))])
         j += len(group)
     return res
+
+
+@torch.no_grad()
+def next_token_logprobs(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
+    """-> [n, vocab] float32 log-probabilities of the token after each prompt (one left-padded pass,
+    positions counted from each prompt's first token, as :func:`shared_prompt_nll`'s first step)."""
+    from .data.collate import collate_prompts
+
+    device = next(model.parameters()).device
+    left = collate_prompts(prompts, pad_id)
+    ids, mask = left["input_ids"].to(device), left["attention_mask"].to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
+    return F.log_softmax(logits, dim=-1)

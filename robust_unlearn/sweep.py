@@ -9,7 +9,9 @@ uninterrupted sweep writes.
 
 forget_quality (KS test on forget truth ratios) always compares with the retain oracle's
 *uncompressed* truth ratios: a compressed model is judged against the model it should behave like,
-not against an equally compressed oracle; the oracle's own compressed cells too.
+not against an equally compressed oracle; the oracle's own compressed cells too. The same holds for
+MUSE's privleak (the oracle's uncompressed Min-K% AUC). Which metrics a cell holds is the
+benchmark's (``metrics.suite_for``).
 """
 from __future__ import annotations
 
@@ -18,16 +20,18 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .compress import check_compression, get_compression
 from .ledger import Ledger
+from .metrics import suite_for
 from .metrics.tofu import Evaluator
 from .models import load_model, read_metadata  # load_model runs check_compatible
-from .pipeline import _ckpt_id, _eval_id, _load_forget_tr, _save_stats, _split_of, formatter_for
+from .pipeline import _ckpt_id, _eval_id, _save_stats, _split_of
 
 log = logging.getLogger(__name__)
 
 ORACLE = "oracle"
-SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
 
 
 def stats_path(run_dir: Path, label: str, ckpt_id: str, eval_id: str, compression: str) -> Path:
@@ -66,7 +70,8 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
     order. ``oracle``: the stats JSON of the retain oracle's uncompressed evaluation; when None and a
     checkpoint is labelled ``oracle``, that checkpoint is swept first and its ``none`` cell (evaluated
     even if ``none`` is not a column) is the reference. ``evaluator``: reused for every checkpoint
-    (default: one per checkpoint, built on its tokenizer, shared by its columns).
+    (default: one per checkpoint, the benchmark's (``metrics.suite_for``), built on its tokenizer,
+    shared by its columns).
 
     -> {(label, compression): (metrics, stats path)} for every requested cell.
     """
@@ -77,7 +82,8 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
     ledger = Ledger(run_dir / "results.jsonl")
     items = [(c[0], str(c[1]), c[2], c[3] if len(c) > 3 and c[3] else _ckpt_id(str(c[1]))) for c in checkpoints]
     items.sort(key=lambda it: it[0] != ORACLE)  # stable: the oracle first, the rest as given
-    oracle_tr = _load_forget_tr(Path(oracle)) if oracle else None
+    suite = suite_for(cfg)
+    oracle_ref = suite.load_reference(Path(oracle)) if oracle else None
     out: dict[tuple[str, str], tuple[dict, Path]] = {}
     for label, path, method, ckpt_id in items:
         is_oracle = label == ORACLE
@@ -90,28 +96,25 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
         precision = meta.get("precision", "fp32" if Path(path).is_dir() else "n/a")
         for comp in cols:
             if is_oracle and oracle is None:
-                ref = "self" if comp == "none" else _load_forget_tr(own_none)
+                ref = "self" if comp == "none" else suite.load_reference(own_none)
             else:
-                ref = oracle_tr
+                ref = oracle_ref
             key = (label, ckpt_id, eval_id, comp)
             sp = stats_path(run_dir, label, ckpt_id, eval_id, comp)
             done = [r for r in ledger.rows() if (r["model"], r["ckpt"], r["eval"], r["compression"]) == key]
-            has_fq = any(r["metric"] == "forget_quality" for r in done)
-            if done and sp.is_file() and (ref is None or has_fq or _no_forget_tr(sp)):
+            has_ref = any(r["metric"] == suite.reference_metric for r in done)
+            if done and sp.is_file() and (ref is None or has_ref or _no_reference(suite, sp)):
                 log.info("%s / %s: already in the ledger (%d rows), skipped", label, comp, len(done))
                 if comp in compressions:
                     out[(label, comp)] = ({r["metric"]: r["value"] for r in done}, sp)
                 continue
             if model is None:
                 model, tok = load_model(path, "float32", cfg["model"]["trust_remote_code"])
-                ev = evaluator or Evaluator(formatter_for(tok, cfg), cfg["eval"]["batch_size"],
-                                            cfg["eval"]["max_new_tokens"], cfg["eval"]["rouge"])
+                ev = evaluator or suite.evaluator(tok)
             t0 = time.time()
             m = model if comp == "none" else get_compression(comp)(copy.deepcopy(model))
             m.eval()
-            # holdout (authors never trained on) is a property of the training data: uncompressed only
-            splits = SPLITS if comp == "none" else tuple(x for x in SPLITS if x != "holdout")
-            metrics, per = ev.evaluate(m, bench, oracle_forget_tr=ref, splits=splits)
+            metrics, per = ev.evaluate(m, bench, ref, splits=suite.splits(comp))
             del m
             _save_stats(sp, per)
             rows = [{"model": label, "method": method, "compression": comp, "split": _split_of(name),
@@ -123,11 +126,12 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
                 out[(label, comp)] = (metrics, sp)
         del model
         if is_oracle and oracle is None and own_none.is_file():
-            oracle_tr = _load_forget_tr(own_none)  # the reference for every later checkpoint
+            oracle_ref = suite.load_reference(own_none)  # the reference for every later checkpoint
     return out
 
 
-def _no_forget_tr(stats: Path) -> bool:
-    """True when a cell's stats hold no forget truth ratios (forget_quality cannot exist)."""
-    tr = _load_forget_tr(stats)
-    return tr is None or tr.size == 0
+def _no_reference(suite, stats: Path) -> bool:
+    """True when a cell's stats hold nothing to compare with the oracle (e.g. no forget truth ratios:
+    forget_quality cannot exist)."""
+    ref = suite.load_reference(stats)
+    return ref is None or (isinstance(ref, np.ndarray) and ref.size == 0)

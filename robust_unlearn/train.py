@@ -1,21 +1,41 @@
 """The one training loop (accelerate ``Accelerator``), shared by fine-tuning and every objective.
 
+It runs as one process or under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3; configs in
+``recipes/accelerate``). The global batch is ``cfg['batch_size']`` whatever the number of processes:
+each batch is split across them (accelerate ``split_batches``), and under DeepSpeed the micro batch,
+``train_batch_size`` and gradient clipping are filled in from the recipe before ``prepare``.
+
 Precision: ``fp32``; ``mixed`` = bf16 autocast compute with fp32 master weights and optimizer state;
-``bf16`` = weights and optimizer state in bf16 (as when a bf16-loaded model is trained directly).
+``bf16`` = weights and optimizer state in bf16 (as when a bf16-loaded model is trained directly;
+under DeepSpeed: its bf16 mode, whose master weights are fp32).
 A non-finite loss stops the run with :class:`TrainingDiverged` before anything is saved.
+
+Resume: with ``state_dir`` and ``cfg['checkpoint_every']`` the loop saves its whole state (weights,
+optimizer, scheduler, RNG via ``Accelerator.save_state``; step, losses, the caller's ``extra`` state and
+the constraint's) every N steps into ``state_dir/step-NNNNNN``, written in a temporary directory and
+renamed, so a kill at any moment leaves the last complete state. Started again it resumes from there
+and reproduces the uninterrupted run (same batches: the samplers are replayed to the step).
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import shutil
+from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .errors import TrainingDiverged
+from .data.collate import IGNORE
+from .errors import TrainingDiverged, UserError
+
+log = logging.getLogger(__name__)
 
 MIXED = {"fp32": "no", "mixed": "bf16", "bf16": "no"}
 
@@ -29,8 +49,12 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     hundred rows it would give the same batches in the same order every epoch.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, group: int = 4):
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, group: int = 4,
+                 short_last: bool = False):
         self.lengths, self.batch_size, self.gen, self.group = lengths, batch_size, generator, group
+        # under several processes accelerate splits each batch and only the last may be short (a short
+        # one elsewhere would be dropped): move it to the end
+        self.short_last = short_last
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
@@ -43,7 +67,10 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
             part = sorted(perm[s: s + chunk], key=lambda i: self.lengths[i])
             batches += [part[j: j + self.batch_size] for j in range(0, len(part), self.batch_size)]
         order = torch.randperm(len(batches), generator=self.gen).tolist()
-        return iter([batches[i] for i in order])
+        out = [batches[i] for i in order]
+        if self.short_last:
+            out.sort(key=lambda b: len(b) < self.batch_size)  # stable: only the short batch moves
+        return iter(out)
 
 
 def make_accelerator(precision: str) -> Accelerator:
@@ -54,40 +81,220 @@ def make_accelerator(precision: str) -> Accelerator:
     # Under `accelerate launch` with several processes the launcher's settings win.
     if AcceleratorState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=MIXED[precision], cpu=not torch.cuda.is_available())
+    # DeepSpeed (under `accelerate launch`) also runs on the CPU, with the gloo backend
+    use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = []
+    if use_ds and not torch.cuda.is_available():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # accelerate finds no backend on a CPU
+    return Accelerator(mixed_precision=MIXED[precision], cpu=not torch.cuda.is_available() and not use_ds,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True), kwargs_handlers=handlers)
+
+
+def _configure_deepspeed(acc: Accelerator, cfg: dict) -> None:
+    """Fill the DeepSpeed config from the recipe before ``prepare``: accelerate derives the micro batch
+    from a dataloader's ``batch_size``, which a batch sampler leaves at None, and DeepSpeed rejects a
+    ``train_batch_size`` that is not micro batch x accumulation x processes."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    n = acc.num_processes
+    ds["train_micro_batch_size_per_gpu"] = cfg["batch_size"] // n
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg["batch_size"]
+    ds["gradient_clipping"] = float(cfg.get("grad_clip") or 0.0)
+    ds["zero_allow_untested_optimizer"] = True  # torch AdamW, as in one process
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # the saved checkpoint is the whole model (gathered on the main process)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    precision = cfg["precision"]
+    ds["bf16"] = {"enabled": precision in ("mixed", "bf16")}
+    ds["fp16"] = {"enabled": False}
+
+
+class Engine:
+    """Gradients and weights of whatever ``prepare`` returned, through one interface.
+
+    Plain torch and DDP keep full tensors in ``p.grad`` / ``p.data``; a DeepSpeed ZeRO engine keeps the
+    gradients and the fp32 master weights in its optimizer's partitions, read and written with
+    ``deepspeed.utils.safe_get_full_grad`` / ``safe_set_full_grad`` / ``safe_get_full_fp32_param`` /
+    ``safe_set_full_fp32_param`` (collective: every process calls them in the same order).
+    """
+
+    def __init__(self, acc: Accelerator, model, opt):
+        self.acc, self.model, self.opt = acc, model, opt
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.zero_stage = int(acc.state.deepspeed_plugin.zero_stage) if self.deepspeed else 0
+
+    def backward(self, loss) -> None:
+        if self.deepspeed:
+            self.model.backward(loss)  # the engine's backward, without accelerate's implied step
+        else:
+            self.acc.backward(loss)
+
+    def forget_grads(self, loss, params: list) -> list:
+        """Gradients of ``loss`` for ``params``, averaged over processes, then cleared from the model."""
+        if self.deepspeed:  # through the engine (its hooks own the gradients), read back, cleared
+            self.model.backward(loss)
+            grads = [self.get_grad(p).detach().clone() for p in params]
+            self.model.optimizer.zero_grad(set_to_none=True)
+            return grads
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if self.acc.num_processes > 1:
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            flat = self.acc.reduce(flat, "mean")
+            out, at = [], 0
+            for g in grads:
+                out.append(flat[at: at + g.numel()].view_as(g).to(g.dtype))
+                at += g.numel()
+            grads = out
+        return grads
+
+    def step(self, params: list, clip: float | None) -> None:
+        if self.deepspeed:
+            self.model.step()  # clipping (from the config), optimizer step, zero grad
+            return
+        if clip:
+            self.acc.clip_grad_norm_(params, clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def get_grad(self, p):
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            return safe_get_full_grad(p)
+        return p.grad
+
+    def set_grad(self, p, g) -> None:
+        if self.deepspeed:
+            from deepspeed.utils import safe_set_full_grad
+
+            safe_set_full_grad(p, g.to(torch.float32))
+        else:
+            p.grad = g
+
+    def get_param(self, p):
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(p)
+        return p.data
+
+    @torch.no_grad()
+    def set_param(self, p, value) -> None:
+        """Write a whole weight: DeepSpeed's fp32 master and the module's copy (gathered under ZeRO-3)."""
+        if not self.deepspeed:
+            p.data = value.to(p.dtype)
+            return
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.float())
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(value.to(p.dtype))
+        else:
+            p.data.copy_(value.to(p.dtype))
+
+
+class _Plain:
+    """The accessors of :class:`Engine` for a model outside any engine."""
+
+    deepspeed, zero_stage = False, 0
+
+    def get_grad(self, p):
+        return p.grad
+
+    def set_grad(self, p, g):
+        p.grad = g
+
+    def get_param(self, p):
+        return p.data
+
+    @torch.no_grad()
+    def set_param(self, p, value):
+        p.data = value.to(p.dtype)
+
+
+PLAIN = _Plain()
+
+
+def _latest_state(state_dir: Path | None) -> Path | None:
+    if state_dir is None or not state_dir.is_dir():
+        return None
+    done = sorted(d for d in state_dir.glob("step-*") if (d / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def _save_state(acc: Accelerator, state_dir: Path, step: int, losses: list, extra: dict, constraint) -> None:
+    """Everything needed to go on from ``step``, into a temporary directory renamed when complete."""
+    final = state_dir / f"step-{step:06d}"
+    tmp = state_dir / f".tmp-step-{step:06d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))  # every process writes its part (RNG state; DeepSpeed: its partitions)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if constraint is not None:
+            torch.save(constraint.state_dict(), tmp / "constraint.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "losses": losses, "extra": extra}))
+        tmp.rename(final)  # the marker of a complete state is trainer_state.json inside a step-* dir
+        for old in state_dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
 
 
 def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, desc: str = "train",
           primary: str = "train", accelerator: Accelerator | None = None,
-          stop: Callable[[torch.nn.Module, int], bool] | None = None, constraint=None):
+          stop: Callable[[torch.nn.Module, int], bool] | None = None, constraint=None,
+          state_dir: str | Path | None = None, extra: dict | None = None):
     """Run ``cfg['epochs']`` passes over ``datasets[primary]`` (or ``cfg['steps']`` optimizer steps
     when set); the other streams are cycled. ``stop(model, step)``, called every
     ``cfg['stop_every']`` steps, may end the run early (the scheduler still spans the full length).
 
     ``datasets``: name -> a dataset with a ``collate`` method (see ``data.collate.QADataset``).
-    ``cfg``: lr, batch_size, epochs, weight_decay, warmup_ratio, schedule (a transformers scheduler
-    name: linear, constant_with_warmup, cosine, ...), precision, grad_clip.
+    ``cfg``: lr, batch_size (global), epochs, weight_decay, warmup_ratio, schedule (a transformers
+    scheduler name: linear, constant_with_warmup, cosine, ...), precision, grad_clip, checkpoint_every.
     ``constraint``: a ``robust.update.SparseUpdate`` (masked, retain-projected updates), or None.
-    Returns the unwrapped model (trained in place) and the list of per-step losses.
+    ``state_dir``: where resumable states go (with ``cfg['checkpoint_every']`` > 0); ``extra``: the
+    caller's JSON-able state saved with them and restored in place on resume.
+    Returns the unwrapped model (trained in place; under ZeRO-3 a new, whole model on the main process
+    and None elsewhere) and the list of per-step losses.
     """
     set_seed(seed)
     acc = accelerator or make_accelerator(cfg["precision"])
-    if cfg["precision"] == "bf16":
+    n_proc = acc.num_processes
+    if cfg["batch_size"] % n_proc:
+        raise UserError(f"batch_size {cfg['batch_size']} is the global batch and must be a multiple of the "
+                        f"{n_proc} processes (each takes an equal share)")
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        _configure_deepspeed(acc, cfg)
+    if cfg["precision"] == "bf16" and not deepspeed:
         model.to(torch.bfloat16)
     model.train()
     if constraint is not None:
-        constraint.start()
+        constraint.start()  # masks and target values, on the whole model before any partitioning
     params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no optimizer state
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     gen = torch.Generator().manual_seed(seed)
     loaders = {name: torch.utils.data.DataLoader(
-                   ds, batch_sampler=LengthGroupedBatches(ds.lengths(), cfg["batch_size"], gen), collate_fn=ds.collate)
+                   ds, batch_sampler=LengthGroupedBatches(ds.lengths(), cfg["batch_size"], gen, short_last=n_proc > 1),
+                   collate_fn=ds.collate)
                for name, ds in datasets.items()}
     steps_per_epoch = len(loaders[primary])
     total = cfg.get("steps") or max(1, math.ceil(cfg["epochs"] * steps_per_epoch))
     sched = get_scheduler(cfg.get("schedule", "linear"), opt, num_warmup_steps=int(cfg["warmup_ratio"] * total),
                           num_training_steps=total)
     model, opt, sched, *prepared = acc.prepare(model, opt, sched, *loaders.values())
+    engine = Engine(acc, model, opt)
+    if constraint is not None:
+        constraint.attach(engine)
     loaders = dict(zip(loaders, prepared))
     iters = {name: iter(dl) for name, dl in loaders.items()}
 
@@ -99,46 +306,95 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
             return next(iters[name])
 
     losses: list[float] = []
-    bar = tqdm(range(total), desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True)
+    start = 0
+    state_dir = Path(state_dir) if state_dir is not None else None
+    every = int(cfg.get("checkpoint_every") or 0)
+    resume = _latest_state(state_dir)
+    if resume is not None:
+        acc.load_state(str(resume))
+        st = json.loads((resume / "trainer_state.json").read_text())
+        start, losses = st["step"], st["losses"]
+        for k, v in st["extra"].items():  # the caller's lists, refilled in place
+            if extra is not None and k in extra:
+                extra[k][:] = v
+        if constraint is not None and (resume / "constraint.pt").is_file():
+            constraint.load_state_dict(torch.load(resume / "constraint.pt"))
+        for _ in range(start):  # the same batches as an uninterrupted run from here on
+            for name in loaders:
+                next_batch(name)
+        log.info("%s: resumed from %s (step %d/%d)", desc, resume, start, total)
+
+    bar = tqdm(range(start, total), desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True,
+               initial=start, total=total)
+    split = constraint is not None and constraint.split_grads and getattr(objective, "retain_term", None) is not None
     for step in bar:
         batches = {name: next_batch(name) for name in loaders}
-        split = constraint is not None and constraint.split_grads
-        with acc.autocast():
-            if split:
-                f_loss, r_loss = objective.parts(model, batches)
-                loss = f_loss if r_loss is None else f_loss + r_loss
-            else:
+        if n_proc > 1:
+            for b in batches.values():  # token means over the global batch (methods.losses.token_mean)
+                if "labels" in b:
+                    n = (b["labels"][:, 1:] != IGNORE).sum().float()
+                    b["token_scale"] = n * n_proc / acc.reduce(n.clone(), "sum").clamp(min=1)
+        if split:  # null-space step: the forget and retain gradients apart
+            with acc.autocast():
+                f_loss = objective.forget_term(model, batches)
+            constraint.take_forget_grads(engine.forget_grads(f_loss, constraint.trained))
+            with acc.autocast():
+                r_loss = objective.retain_term(model, batches)
+            loss = f_loss.detach() + r_loss.detach()
+        else:
+            with acc.autocast():
                 loss = objective(model, batches)
         if not torch.isfinite(loss.detach()):
             raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step + 1}/{total} "
                                    f"(lr {cfg['lr']}); stopped, nothing from this run was saved")
-        if split and r_loss is not None:  # null-space step: the two terms' gradients apart
-            acc.backward(f_loss)
-            constraint.take_forget_grads()
-            acc.backward(r_loss)
+        engine.backward(r_loss if split else loss)
+        if split:
             constraint.combine()
-        else:
-            acc.backward(loss)
-            if constraint is not None:
-                constraint.mask_grads()
-        if cfg.get("grad_clip"):
-            acc.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
+        engine.step(params, cfg.get("grad_clip"))
         if constraint is not None:
             constraint.after_step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(acc.reduce(loss.detach().float(), "mean").item() if n_proc > 1 else loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        done = False
         if stop is not None and (step + 1) % cfg.get("stop_every", 1) == 0:
             model.eval()
             done = stop(acc.unwrap_model(model), step + 1)
             model.train()
-            if done:
-                break
+            if n_proc > 1:  # every process takes the main one's decision
+                from accelerate.utils import broadcast
+
+                done = bool(broadcast(torch.tensor([int(done)], device=acc.device), from_process=0).item())
+        if state_dir is not None and every and (step + 1) % every == 0 and not done and step + 1 < total:
+            _save_state(acc, state_dir, step + 1, losses, extra or {}, constraint)
+        if done:
+            break
     bar.close()
-    model = acc.unwrap_model(model)
-    model.eval()
-    if cfg["precision"] == "mixed":
-        model.to(torch.float32)
+    model = _whole_model(acc, engine, model)
+    if model is not None:
+        model.eval()
+        if cfg["precision"] == "mixed" or (deepspeed and cfg["precision"] == "bf16"):
+            model.to(torch.float32)
+    if constraint is not None:
+        constraint.attach(PLAIN, model)
     return model, losses
+
+
+def _whole_model(acc: Accelerator, engine: Engine, model):
+    """The trained model as one ordinary module. Under ZeRO-3 the weights are gathered on the main
+    process into a new module built from the config (other processes get None)."""
+    if engine.zero_stage != 3:
+        return acc.unwrap_model(model)
+    state = acc.get_state_dict(model)  # collective; the whole state dict on the main process
+    if not acc.is_main_process:
+        return None
+    inner = acc.unwrap_model(model)
+    with torch.device("meta"):
+        whole = type(inner)(inner.config)
+    whole.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    whole.tie_weights()
+    missing = [n for n, p in whole.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"ZeRO-3 gather: weights missing from the consolidated state dict: {missing[:5]}")
+    whole.generation_config = inner.generation_config
+    return whole

@@ -3,12 +3,17 @@
 One method at a time through the one training loop (``train.train``): the ``forget`` stream is the
 forget split (its epochs set the length), the ``retain`` stream is the retain training data
 (``train_oracle``: every retain author, as open-unlearning's retain90) cycled alongside. The frozen
-reference model (NPO, KL, RMU) is loaded once per run by :class:`Reference` and shared by every method
-that needs it. A non-finite loss stops the method before anything is written.
+reference (NPO, KL, RMU) is, with ``runtime.shared_reference`` (the default), the training model itself
+with its trained tensors swapped back to frozen copies (:class:`SharedReference`): it costs only the
+trained tensors, not a second model. Otherwise the whole target is loaded once per run by
+:class:`Reference` and shared by every method that needs it. A non-finite loss stops the method before
+anything is written. With ``runtime.checkpoint_every`` the training state is saved every N steps into a
+hidden sibling of the checkpoint directory, and a run started again resumes from it.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,8 +23,7 @@ import torch
 from .metrics.weights import update_stats
 from .compress import compressible_linears
 from .config import method_settings
-from .data import fingerprint
-from .data.collate import QADataset
+from .data import fingerprint, is_text_benchmark
 from .metrics.tofu import Evaluator
 from .methods import NEEDS_REF, build_objective, check_method, split_method
 from .models import load_model, read_metadata, save_model
@@ -44,6 +48,48 @@ class Reference:
         return self._model
 
 
+class SharedReference:
+    """The frozen target without a second copy of it: the training model, called with its trained
+    tensors replaced by copies of their values before training (``torch.func.functional_call``).
+    Untrained tensors never move, so the outputs are the target's. Until :meth:`freeze` nothing has
+    trained and the model is its own reference (the saliency pass at the target weights).
+
+    Under DeepSpeed ZeRO-3 the model's tensors are partitioned and cannot be swapped: the reference
+    is then ``fallback`` (the whole target, loaded once: :class:`Reference`)."""
+
+    def __init__(self, model, fallback: "Reference"):
+        self._model, self._fallback = model, fallback
+        self._orig: dict[str, torch.Tensor] = {}
+        self.kind = "shared"
+
+    def freeze(self) -> int:
+        """Copy the tensors that will train -> how many weights the reference holds."""
+        self._orig = {n: p.detach().clone() for n, p in self._model.named_parameters() if p.requires_grad}
+        return sum(t.numel() for t in self._orig.values())
+
+    def current(self):
+        """What to call for reference outputs now (itself, or the whole target under ZeRO-3)."""
+        if self._orig and hasattr(next(self._model.parameters()), "ds_id"):
+            self.kind = "full copy (ZeRO-3)"
+            return self._fallback.get()
+        return self
+
+    def __call__(self, *args, **kwargs):
+        target = self.current()
+        if target is not self:
+            return target(*args, **kwargs)
+        if not self._orig:
+            return self._model(*args, **kwargs)
+        params = dict(self._model.named_parameters())
+        for n, t in self._orig.items():  # follow the model's dtype (a bf16 run casts it after freeze)
+            if t.dtype != params[n].dtype:
+                self._orig[n] = t.to(params[n].dtype)
+        return torch.func.functional_call(self._model, self._orig, args, kwargs, strict=False)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 def retain_rows(bench):
     return bench["train_oracle"] if "train_oracle" in bench else bench["retain"]
 
@@ -52,7 +98,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             reference: Reference | None = None) -> Path:
     """Unlearn ``bench['forget']`` from ``target`` with ``method`` -> checkpoint dir (reused when the
     same spec was already trained into ``out_dir``)."""
-    from .pipeline import _hash, formatter_for  # the pipeline owns hashing and prompt formatting
+    from .pipeline import _hash, dataset_for, formatter_for  # the pipeline owns hashing and prompt formatting
 
     check_method(method)
     settings = method_settings(cfg, method)
@@ -70,36 +116,56 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     # run (that rounding alone moves every weight, by up to half a bf16 ulp)
     cast = torch.bfloat16 if settings["precision"] == "bf16" else torch.float32
     before = {f"{n}.weight": m.weight.detach().to(cast).float().clone() for n, m in compressible_linears(model)}
+    shared = None
     reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
-    ref = reference.get() if method in NEEDS_REF else None
+    if method in NEEDS_REF and cfg["runtime"]["shared_reference"]:
+        ref = shared = SharedReference(model, reference)
+    else:
+        ref = reference.get() if method in NEEDS_REF else None
     objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
     fmt = formatter_for(tok, cfg)
-    streams = {"forget": QADataset(bench["forget"], fmt)}
+    streams = {"forget": dataset_for(cfg, bench["forget"], tok)}
     if "retain" in objective.streams:
-        streams["retain"] = QADataset(retain_rows(bench), fmt)
+        streams["retain"] = dataset_for(cfg, retain_rows(bench), tok)
     wrapper = split_method(method)[0]
     constraint, plan = None, None
     if wrapper is not None:  # SURE / Robust: which weights may move, chosen at the target weights
         from .robust.update import plan_update
 
         data = dict(streams)
-        data.setdefault("retain", QADataset(retain_rows(bench), fmt))
+        data.setdefault("retain", dataset_for(cfg, retain_rows(bench), tok))
         constraint, plan = plan_update(model, objective, data, settings, robust=wrapper == "Robust", seed=cfg["seed"])
     history: list[tuple[int, float]] = []
-    ev = Evaluator(fmt, batch_size=cfg["eval"]["batch_size"])
-    pairs = [(r["question"], r["answer"]) for r in bench["forget"]]
+    if is_text_benchmark(cfg):
+        forget_prob = _text_forget_prob(streams["forget"], cfg["eval"]["batch_size"])
+    else:
+        ev = Evaluator(fmt, batch_size=cfg["eval"]["batch_size"])
+        pairs = [(r["question"], r["answer"]) for r in bench["forget"]]
+
+        def forget_prob(m):
+            return float(np.exp(-ev.mean_nll(m, pairs)).mean())
 
     def forget_prob_reached(m, step):
-        p = float(np.exp(-ev.mean_nll(m, pairs)).mean())
+        p = forget_prob(m)
         history.append((step, p))
         log.info("%s: step %d forget probability %.3f", method, step, p)
         return p <= settings["stop_forget_prob"]
 
     stop = forget_prob_reached if settings["stop_forget_prob"] is not None else None
 
-    train_cfg = dict(settings)
+    if shared is not None:
+        shared.freeze()
+    train_cfg = dict(settings, checkpoint_every=cfg["runtime"]["checkpoint_every"])
+    state_dir = out.parent / f".{out.name}.train"  # resumable states of this spec, removed once saved
     model, losses = train(model, objective, streams, train_cfg, seed=cfg["seed"], desc=f"unlearn {method}",
-                          primary="forget", stop=stop, constraint=constraint)
+                          primary="forget", stop=stop, constraint=constraint, state_dir=state_dir,
+                          extra={"forget_prob_history": history})
+    from accelerate.state import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # the main process writes the checkpoint
+        state.wait_for_everyone()
+        return out
     if constraint is not None:
         plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
     saved_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -107,15 +173,36 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             "saved_dtype": saved_dtype, "target": str(target), "steps": len(losses), "first_loss": losses[0],
             "final_loss": losses[-1], "forget_prob_history": history,
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1)}
+            "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1),
+            "launch": {"processes": state.num_processes, "distributed_type": str(state.distributed_type)},
+            "reference": None if method not in NEEDS_REF else (shared.kind if shared is not None else "full copy")}
     if plan is not None:
         meta["plan"] = {k: v for k, v in plan.items() if k != "salient"}
         meta["plan"]["salient"] = plan["salient"]
     for p in model.parameters():
         p.requires_grad_(True)
     save_model(model, tok, out, meta)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
     log.info("%s: %d steps in %.0fs, update %s", method, len(losses), time.time() - t0, meta["update"])
     return out
+
+
+def _text_forget_prob(ds, n: int):
+    """Raw-text benchmarks: the early-stop probe is exp(-mean token NLL) of each of the first ``n``
+    forget items (MUSE chunks, WMDP documents), averaged."""
+    from .scoring import answer_nll
+
+    batch = ds.collate([ds[i] for i in range(min(n, len(ds)))])
+
+    @torch.no_grad()
+    def forget_prob(m):
+        device = next(m.parameters()).device
+        total, count = answer_nll(m, {k: v.to(device) for k, v in batch.items()})
+        return float(torch.exp(-total / count.clamp(min=1)).mean())
+
+    return forget_prob
 
 
 def unlearn_all(cfg: dict, bench, target: str, target_id: str, run_dir: Path,

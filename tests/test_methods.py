@@ -80,10 +80,32 @@ def test_reference_is_loaded_once_and_reused(setup, monkeypatch):
     real = U.load_model
     monkeypatch.setattr(U, "load_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     ref = Reference(target)
-    cfg2 = load_recipe(None, TINY + ["unlearn.steps=2", f"cache_dir={cfg['cache_dir']}"])
+    cfg2 = load_recipe(None, TINY + ["unlearn.steps=2", "runtime.shared_reference=false",
+                                     f"cache_dir={cfg['cache_dir']}"])
     for m in ("NPO", "NPO_KLR", "RMU"):
         unlearn(cfg2, bench, target, key, m, out / "once", ref)
-    assert calls.count(target) == 4  # 3 models to train + 1 shared reference
+    assert calls.count(target) == 4  # 3 models to train + 1 full reference copy, loaded once
+    calls.clear()
+    cfg3 = load_recipe(None, TINY + ["unlearn.steps=2", f"cache_dir={cfg['cache_dir']}"])
+    for m in ("NPO_KLR", "RMU"):
+        unlearn(cfg3, bench, target, key, m, out / "shared", Reference(target))
+    assert calls.count(target) == 2  # the shared reference loads nothing
+
+
+@pytest.mark.parametrize("method", ["RMU", "NPO_KLR", "SURE_NPO_KLR"])
+def test_shared_reference_gives_the_full_copy_weights(setup, method):
+    """The reference from frozen copies of the trained tensors computes exactly what a second model
+    does (fp32): the unlearned weights are bit-identical."""
+    cfg, bench, target, key, _, out = setup
+    sd = {}
+    for shared in (True, False):
+        c = load_recipe(None, TINY + ["unlearn.steps=3", "unlearn.per_method.SURE_NPO_KLR.steps=3",
+                                      f"runtime.shared_reference={str(shared).lower()}",
+                                      f"cache_dir={cfg['cache_dir']}"])
+        path = unlearn(c, bench, target, key, method, out / f"ref-{shared}", Reference(target))
+        assert read_metadata(path)["reference"] == ("shared" if shared else "full copy")
+        sd[shared] = load_model(str(path))[0].state_dict()
+    assert all(torch.equal(sd[True][k], sd[False][k]) for k in sd[True])
 
 
 def test_precision_is_recorded_and_bf16_saves_bf16(setup):

@@ -6,6 +6,11 @@ Splits (rows: question, answer, paraphrased_answer, perturbed_answer, author):
 - ``forget``, ``retain``: evaluation sets (with paraphrased / perturbed answers when available)
 - ``real_authors``, ``world_facts``: utility sets (TOFU's names); ``holdout``: never-trained authors
 A split is absent when its data is (e.g. no ``world_facts_perturbed.json``): its metrics are skipped.
+
+The raw-text benchmarks (``TEXT_BENCHMARKS``: ``muse_news``, ``wmdp``) have their own splits (see
+``data.muse`` and ``data.wmdp``): ``train_target`` [``train_oracle``], ``forget`` and ``retain`` hold
+``{text}`` documents (trained on every token, :class:`data.collate.TextDataset`), the rest are their
+evaluation sets.
 """
 from __future__ import annotations
 
@@ -19,6 +24,10 @@ from ..errors import UserError
 from . import fictitious
 from .tofu import _percent, load_tofu
 
+BENCHMARKS = ("fictitious", "tofu", "muse_news", "wmdp")
+# raw-text benchmarks -> how a corpus becomes training items (data.collate.TextDataset's mode)
+TEXT_BENCHMARKS = {"muse_news": "chunk", "wmdp": "document"}
+
 EVAL_SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
 FEATURES = datasets.Features({
     "question": datasets.Value("string"),
@@ -29,12 +38,23 @@ FEATURES = datasets.Features({
 })
 
 
-def _fictitious_splits(d: dict) -> dict:
+def check_fictitious(d: dict) -> int:
+    """Forget authors of the built-in benchmark for the recipe's ``data`` section (``UserError`` if the
+    split leaves no retain author or asks for more question types than there are)."""
     pct = _percent(d["forget_split"])
     n = d["num_authors"]
     k = fictitious.forget_author_count(pct, n)
     if k >= n:
         raise UserError(f"data.forget_split '{d['forget_split']}' leaves no retain authors out of data.num_authors={n}")
+    most = len(fictitious.QUESTION_ORDER)
+    if not 1 <= d["qa_per_author"] <= most:
+        raise UserError(f"data.qa_per_author {d['qa_per_author']} must be in 1..{most} (question types per author)")
+    return k
+
+
+def _fictitious_splits(d: dict) -> dict:
+    n = d["num_authors"]
+    k = check_fictitious(d)
     gen = fictitious.generate(seed=d["seed"], num_authors=n, qa_per_author=d["qa_per_author"],
                               num_perturbed=d["num_perturbed"], holdout_authors=d["holdout_authors"])
     rows = gen["rows"]
@@ -51,12 +71,14 @@ def _fictitious_splits(d: dict) -> dict:
 def load_benchmark(cfg: dict) -> datasets.DatasetDict:
     """``cfg`` is the recipe (its ``data`` and ``seed`` keys are read)."""
     d = dict(cfg["data"], seed=cfg.get("seed", 0))
+    if d["name"] in TEXT_BENCHMARKS:
+        return _load_text_benchmark(d)
     if d["name"] == "fictitious":
         raw = _fictitious_splits(d)
     elif d["name"] == "tofu":
         raw = load_tofu(d["path"], d["forget_split"], need_oracle_train=cfg["model"].get("oracle") is None)
     else:
-        raise UserError(f"data.name '{d['name']}' is unknown (expected fictitious or tofu)")
+        raise UserError(f"data.name '{d['name']}' is unknown (expected one of {', '.join(BENCHMARKS)})")
     limit = d.get("limit")
     if limit is not None:
         raw = {k: (v[: int(limit)] if v is not None else None) for k, v in raw.items()}
@@ -73,6 +95,33 @@ def load_benchmark(cfg: dict) -> datasets.DatasetDict:
         if raw.get(name):
             splits[name] = raw[name]
     return datasets.DatasetDict({k: datasets.Dataset.from_list(v, features=FEATURES) for k, v in splits.items()})
+
+
+def _load_text_benchmark(d: dict) -> datasets.DatasetDict:
+    if d["name"] == "muse_news":
+        from .muse import ICL_SPLITS, load_muse
+
+        raw, keep = load_muse(d), ICL_SPLITS  # the in-context examples are prompt material: never cut
+    else:
+        from .wmdp import load_wmdp
+
+        raw, keep = load_wmdp(d), ()
+    limit = d.get("limit")
+    splits = {}
+    for name, rows in raw.items():
+        if limit is not None and name not in keep and not name.startswith("train_"):
+            rows = rows[: int(limit)]
+        if rows:
+            splits[name] = rows
+    if limit is not None:  # the training corpora follow the cut streams
+        splits["train_target"] = splits["forget"] + splits["retain"]
+        if "train_oracle" in splits:
+            splits["train_oracle"] = splits["retain"]
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()})
+
+
+def is_text_benchmark(cfg: dict) -> bool:
+    return cfg["data"]["name"] in TEXT_BENCHMARKS
 
 
 def fingerprint(rows) -> str:

@@ -1,8 +1,9 @@
-"""Prompt formatting and batch collation for QA data.
+"""Prompt formatting and batch collation for QA data, and raw-text items for corpus benchmarks.
 
-Loss and probability are on the answer tokens plus the end-of-turn token; question/prompt tokens are
-masked with -100. Attention masks are built from sequence lengths, never from the pad id (setting
-pad = EOS and masking by id would also mask EOS-like tokens inside the prompt; open-unlearning #128).
+QA: loss and probability are on the answer tokens plus the end-of-turn token; question/prompt tokens
+are masked with -100. Raw text (MUSE, WMDP corpora): every token is a label, no prompt and no chat
+template. Attention masks are built from sequence lengths, never from the pad id (setting pad = EOS
+and masking by id would also mask EOS-like tokens inside the prompt; open-unlearning #128).
 """
 from __future__ import annotations
 
@@ -113,3 +114,81 @@ class QADataset(torch.utils.data.Dataset):
 
     def collate(self, batch):
         return collate_qa(batch, self.pad_id)
+
+
+def collate_text(items: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of raw-text items: input_ids, attention_mask (from lengths) and labels (every
+    real token; padding is -100)."""
+    n = len(items)
+    width = max(len(ids) for ids in items)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for i, ids in enumerate(items):
+        t = torch.tensor(ids)
+        input_ids[i, : len(ids)] = t
+        attention_mask[i, : len(ids)] = 1
+        labels[i, : len(ids)] = t
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def chunk_corpus(texts: list[str], tokenizer, max_length: int, separator: str = "\n\n") -> list[list[int]]:
+    """MUSE's training items (Shi et al. 2024, the baselines' data code): the corpus as one token
+    stream (documents joined by ``separator``, no special tokens), cut into pieces of
+    ``max_length - 1`` tokens, each led by BOS; a short last piece is filled up to ``max_length`` with
+    tokens from the start of the stream. Without a BOS token, pieces of ``max_length`` tokens."""
+    ids = tokenizer(separator.join(texts), add_special_tokens=False)["input_ids"]
+    if not ids:
+        return []
+    bos = tokenizer.bos_token_id
+    step = max_length - 1 if bos is not None else max_length
+    if step < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for text")
+    lead = [bos] if bos is not None else []
+    chunks = [lead + ids[i: i + step] for i in range(0, len(ids), step)]
+    if len(chunks[-1]) < max_length and len(ids) >= step:
+        chunks[-1] = (chunks[-1] + ids)[:max_length]
+    return chunks
+
+
+def encode_documents(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    """One training item per document (RMU's WMDP corpora): the tokenizer's encoding with its
+    special tokens, truncated to ``max_length`` tokens; empty documents are dropped."""
+    out = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=True)["input_ids"][:max_length]
+        if len(ids) >= 2:  # at least one token to predict
+            out.append(ids)
+    return out
+
+
+class TextDataset(torch.utils.data.Dataset):
+    """Raw-text training items, every token a label. ``mode``: ``chunk`` (MUSE: the corpus cut into
+    ``max_length`` pieces, :func:`chunk_corpus`) or ``document`` (WMDP/RMU: each document truncated,
+    :func:`encode_documents`)."""
+
+    def __init__(self, rows, tokenizer, max_length: int, mode: str = "chunk"):
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # safe: masks come from lengths, not pad ids
+        texts = [r["text"] for r in rows]
+        if mode == "chunk":
+            self.items = chunk_corpus(texts, tokenizer, max_length)
+        elif mode == "document":
+            self.items = encode_documents(texts, tokenizer, max_length)
+        else:
+            raise ValueError(f"unknown text mode {mode!r} (expected chunk or document)")
+        if not self.items:
+            raise ValueError("no training text: every document is empty")
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.items]
+
+    def collate(self, batch):
+        return collate_text(batch, self.pad_id)

@@ -107,14 +107,42 @@ class _Source:
         return _available_forget_splits(self.local) if self.is_local else []
 
 
+def _optional_files(forget_split: str) -> list[tuple[str, str]]:
+    """(TOFU file name, what is skipped without it) for the files a run can do without."""
+    return [(f"{forget_split}_perturbed", "forget truth ratio and forget quality"),
+            ("retain_perturbed", "retain truth ratio"), ("real_authors_perturbed", "real-authors metrics"),
+            ("world_facts_perturbed", "world-facts metrics")]
+
+
+def file_problems(path: str, forget_split: str, need_oracle_train: bool = True) -> tuple[list[str], list[str]]:
+    """What ``load_tofu`` would reject (problems) and skip (notes) from a local TOFU directory, found
+    from its file names alone; a hub id -> ([], [a note that it was not checked]). ``UserError`` for a
+    bad split name or a local path that is not a directory."""
+    pct = _percent(forget_split)
+    src = _Source(path)
+    if not src.is_local:
+        return [], [f"data.path '{path}' is a hub id: not checked offline"]
+    problems = []
+    if not (src.has(forget_split) or src.has(f"{forget_split}_perturbed")):
+        found = ", ".join(src.forget_splits()) or "none"
+        problems.append(f"split '{forget_split}' does not exist in data directory '{path}' (found: {found})")
+    retain_name = f"retain{100 - pct:02d}"
+    if need_oracle_train and not src.has(retain_name):
+        problems.append(f"data file '{src.where(retain_name)}' not found (the retain split matching {forget_split})")
+    notes = [f"{what} will be skipped: file '{src.where(name)}' not found"
+             for name, what in _optional_files(forget_split) if not src.has(name)]
+    return problems, notes
+
+
 def load_tofu(path: str, forget_split: str, need_oracle_train: bool = True) -> dict:
     """-> dict of split name -> rows; ``None`` for a split whose file is absent (warned)."""
     pct = _percent(forget_split)
     src = _Source(path)
     retain_name = f"retain{100 - pct:02d}"
-    if src.is_local and not (src.has(forget_split) or src.has(f"{forget_split}_perturbed")):
-        found = ", ".join(src.forget_splits()) or "none"
-        raise UserError(f"split '{forget_split}' does not exist in data directory '{path}' (found: {found})")
+    if src.is_local:
+        problems, _ = file_problems(path, forget_split, need_oracle_train=False)
+        if problems:
+            raise UserError(problems[0])
 
     def optional(name: str, required: tuple[str, ...], what: str) -> list[dict] | None:
         if src.has(name):
@@ -123,14 +151,14 @@ def load_tofu(path: str, forget_split: str, need_oracle_train: bool = True) -> d
         return None
 
     forget_full = src.read(forget_split) if src.has(forget_split) else None
-    forget_eval = optional(f"{forget_split}_perturbed", PERTURBED_REQUIRED,
-                           "forget truth ratio and forget quality")
+    skipped = dict(_optional_files(forget_split))
+    forget_eval = optional(f"{forget_split}_perturbed", PERTURBED_REQUIRED, skipped[f"{forget_split}_perturbed"])
     if forget_eval is None:
         forget_eval = forget_full
     retain_train = src.read(retain_name) if src.has(retain_name) else None
     if retain_train is None and need_oracle_train:
         raise UserError(f"data file '{src.where(retain_name)}' not found (the retain split matching {forget_split})")
-    retain_eval = optional("retain_perturbed", PERTURBED_REQUIRED, "retain truth ratio")
+    retain_eval = optional("retain_perturbed", PERTURBED_REQUIRED, skipped["retain_perturbed"])
     if retain_eval is None:
         retain_eval = retain_train
     if src.has("full"):
@@ -142,7 +170,7 @@ def load_tofu(path: str, forget_split: str, need_oracle_train: bool = True) -> d
         "retain_train": retain_train,
         "forget": forget_eval,
         "retain": retain_eval,
-        "real_authors": optional("real_authors_perturbed", PERTURBED_REQUIRED, "real-authors metrics"),
-        "world_facts": optional("world_facts_perturbed", PERTURBED_REQUIRED, "world-facts metrics"),
+        "real_authors": optional("real_authors_perturbed", PERTURBED_REQUIRED, skipped["real_authors_perturbed"]),
+        "world_facts": optional("world_facts_perturbed", PERTURBED_REQUIRED, skipped["world_facts_perturbed"]),
         "holdout": src.read(f"holdout{pct:02d}") if src.has(f"holdout{pct:02d}") and src.is_local else None,
     }

@@ -18,6 +18,16 @@ import torch.nn.functional as F
 from ..scoring import answer_logits, answer_nll
 
 
+def token_mean(value: torch.Tensor, batch: dict) -> torch.Tensor:
+    """A mean over this process's answer tokens -> its share of the mean over the global batch's.
+
+    Under N processes each holds part of the batch and the gradients are averaged, so a token mean
+    must be rescaled by (local tokens x N / global tokens) (``token_scale``, set by the training loop)
+    to give the one-process gradient; per-example means need nothing (the parts are equal in size)."""
+    scale = batch.get("token_scale")
+    return value if scale is None else value * scale
+
+
 def _ref_nll(ref, batch):
     with torch.no_grad():
         return answer_nll(ref, batch)
@@ -25,7 +35,7 @@ def _ref_nll(ref, batch):
 
 def ga(model, batch, ref=None, **_):
     total, count = answer_nll(model, batch)
-    return -(total.sum() / count.sum().clamp(min=1))
+    return -token_mean(total.sum() / count.sum().clamp(min=1), batch)
 
 
 def npo(model, batch, ref=None, beta: float = 0.1, **_):
@@ -43,7 +53,7 @@ def simnpo(model, batch, ref=None, beta: float = 4.5, delta: float = 0.0, **_):
 
 def gdr(model, batch, ref=None, **_):
     total, count = answer_nll(model, batch)
-    return total.sum() / count.sum().clamp(min=1)
+    return token_mean(total.sum() / count.sum().clamp(min=1), batch)
 
 
 def klr(model, batch, ref=None, **_):
@@ -54,7 +64,7 @@ def klr(model, batch, ref=None, **_):
         ref_logits, _ = answer_logits(ref, batch)
     mask = target != -100
     logp, ref_logp = F.log_softmax(logits[mask], -1), F.log_softmax(ref_logits[mask], -1)
-    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+    return token_mean((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean(), batch)
 
 
 FORGET = {"ga": ga, "npo": npo, "simnpo": simnpo}
@@ -83,6 +93,10 @@ def unlearning_objective(method: str, gamma: float = 1.0, alpha: float = 1.0, re
         return f if r is None else f + r
 
     objective.parts = parts
+    # the two terms apart, for the null-space step (each with its own forward and backward)
+    objective.forget_term = lambda model, batches: gamma * f_loss(model, batches["forget"], ref=ref, **hp)
+    objective.retain_term = (None if r_loss is None else
+                             lambda model, batches: alpha * r_loss(model, batches["retain"], ref=ref))
     # the forget term on one batch (saliency, attribution) and the retain NLL (retain Fisher)
     objective.forget_loss = lambda model, batch: f_loss(model, batch, ref=ref, **hp)
     objective.retain_nll = gdr

@@ -19,34 +19,40 @@ import torch
 
 from ..data.collate import IGNORE
 from ..errors import UserError
+from .losses import token_mean
 
 
 class _Stop(Exception):
     pass
 
 
-def find_layer(model, index: int) -> torch.nn.Module:
-    """Decoder layer ``index`` (``model.model.layers[index]`` for Llama-style models)."""
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers (``model.model.layers`` for Llama-style models)."""
     base = getattr(model, "module", model)
-    layers = None
     for name, mod in base.named_modules():
         if name.endswith("layers") and isinstance(mod, torch.nn.ModuleList):
-            layers = mod
-            break
-    if layers is None:
-        raise UserError("RMU: the model has no '*.layers' ModuleList of decoder layers")
+            return mod
+    raise UserError("RMU: the model has no '*.layers' ModuleList of decoder layers")
+
+
+def find_layer(model, index: int) -> torch.nn.Module:
+    """Decoder layer ``index`` (``model.model.layers[index]`` for Llama-style models)."""
+    layers = decoder_layers(model)
     if not -len(layers) <= index < len(layers):
         raise UserError(f"unlearn.rmu_layer {index} is out of range: the model has {len(layers)} layers")
     return layers[index]
 
 
 def layer_activations(model, batch: dict, layer: torch.nn.Module) -> torch.Tensor:
-    """Output hidden states of ``layer`` ([batch, tokens, hidden]); the rest of the forward is skipped."""
+    """Output hidden states of ``layer`` ([batch, tokens, hidden]); the rest of the forward is skipped
+    (except under DeepSpeed ZeRO-3, whose parameter prefetching expects every forward to complete)."""
     captured = {}
+    zero3 = hasattr(next(layer.parameters()), "ds_id")
 
     def hook(_mod, _inp, out):
         captured["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Stop
+        if not zero3:
+            raise _Stop
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -92,12 +98,13 @@ def rmu_objective(model, ref, layer: int = 7, steering: float = 20.0, gamma: flo
         lay = find_layer(m, layer)
         f = batches["forget"]
         h_f = layer_activations(m, f, lay)
-        loss = gamma * _masked_mse(h_f, control.to(h_f.device).expand_as(h_f), f["labels"])
+        loss = gamma * token_mean(_masked_mse(h_f, control.to(h_f.device).expand_as(h_f), f["labels"]), f)
         r = batches["retain"]
         h_r = layer_activations(m, r, lay)
         with torch.no_grad():
-            h_ref = layer_activations(ref, r, ref_layer)
-        return loss + alpha * _masked_mse(h_r, h_ref, r["labels"])
+            now = ref.current() if hasattr(ref, "current") else ref  # methods.unlearn.SharedReference
+            h_ref = layer_activations(now, r, ref_layer if now is ref else find_layer(now, layer))
+        return loss + alpha * token_mean(_masked_mse(h_r, h_ref, r["labels"]), r)
 
     objective.needs_ref = True
     objective.streams = ("forget", "retain")

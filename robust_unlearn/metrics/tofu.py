@@ -204,3 +204,36 @@ class Evaluator:
         else:
             metrics["model_utility"] = float(stats.hmean([metrics[m] for m in UTILITY_METRICS]))
         return metrics, per
+
+
+SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
+
+
+class TofuSuite:
+    """What the sweep needs to know about the TOFU metrics (see ``metrics.suite_for``)."""
+
+    reference_metric = "forget_quality"
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def splits(self, compression: str) -> tuple[str, ...]:
+        # holdout (authors never trained on) is a property of the training data: uncompressed only
+        return SPLITS if compression == "none" else tuple(x for x in SPLITS if x != "holdout")
+
+    @staticmethod
+    def load_reference(path) -> np.ndarray | None:
+        """The forget truth ratios saved with a cell's per-example stats."""
+        import json
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            return None
+        tr = json.loads(Path(path).read_text()).get("forget", {}).get("truth_ratio")
+        return np.array(tr) if tr is not None else None
+
+    def evaluator(self, tok) -> Evaluator:
+        from ..pipeline import formatter_for  # the pipeline owns prompt formatting
+
+        e = self.cfg["eval"]
+        return Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"])

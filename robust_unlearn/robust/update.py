@@ -11,6 +11,9 @@ that ``train.train`` calls around every optimizer step:
   retain losses unchanged (as in gradient-projection continual learning, Saha et al. 2021);
 - after each step every weight outside the mask is put back to the target's value exactly (AdamW's
   decoupled weight decay would otherwise move it);
+- gradients are masked by tensor hooks (before DDP / DeepSpeed reduce them), and every read or write
+  of a whole gradient or weight goes through the training loop's ``Engine`` (plain tensors, or
+  DeepSpeed ZeRO's partitioned ones), so the same update runs on one process or many;
 - every ``robust_floor_every`` steps (0: only at the end) and at the end, ``finish`` applies the floor (``robust.floor.apply_floor``): every updated weight
   lands in a different quantization bin than the target's under each format named in
   ``robust_floor``, in the dtype the checkpoint is saved in.
@@ -41,6 +44,8 @@ class SparseUpdate:
         self.w0: dict[str, torch.Tensor] = {}
         self._retain: deque = deque(maxlen=max(self.nullspace, 1))
         self._gf: torch.Tensor | None = None
+        self._hooks: list = []
+        self.engine = None
         for p in model.parameters():
             p.requires_grad_(False)
         for p in self.params.values():
@@ -52,33 +57,55 @@ class SparseUpdate:
         return self.nullspace > 0
 
     def start(self) -> None:
-        """Record the target values (in the dtype training runs in)."""
-        self.w0 = {n: p.detach().clone() for n, p in self.params.items()}
+        """Record the target values (in the dtype training runs in) and mask the gradients by hooks."""
+        from ..train import PLAIN
 
-    def _flat_grads(self) -> torch.Tensor:
-        return torch.cat([(p.grad[self.masks[n]] if p.grad is not None
-                           else torch.zeros(int(self.masks[n].sum()), device=p.device, dtype=p.dtype)).float()
-                          for n, p in self.params.items()])
+        self.w0 = {n: p.detach().clone() for n, p in self.params.items()}
+        self.engine = PLAIN
+        if not self._hooks:
+            self._hooks = [p.register_hook(lambda g, m=self.masks[n]: g * m) for n, p in self.params.items()]
+
+    def attach(self, engine, model=None) -> None:
+        """Read and write through ``engine``; with ``model``, follow its parameters (by name)."""
+        self.engine = engine
+        if model is not None:
+            named = dict(model.named_parameters())
+            self.params = {n: named[n] for n in self.params}
+
+    @property
+    def trained(self) -> list:
+        return list(self.params.values())
+
+    def state_dict(self) -> dict:
+        return {"steps": self._steps, "retain": list(self._retain)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._steps = state["steps"]
+        self._retain.clear()
+        self._retain.extend(state["retain"])
+
+    def _flat(self, grads) -> torch.Tensor:
+        return torch.cat([(g[self.masks[n]] if g is not None
+                           else torch.zeros(int(self.masks[n].sum()), device=p.device)).float()
+                          for (n, p), g in zip(self.params.items(), grads)])
 
     def _write_grads(self, flat: torch.Tensor) -> None:
         at = 0
         for n, p in self.params.items():
             m = self.masks[n]
             k = int(m.sum())
-            g = torch.zeros_like(p)
+            g = torch.zeros(m.shape, dtype=p.dtype, device=m.device)
             g[m] = flat[at: at + k].to(p.dtype)
-            p.grad = g
+            self.engine.set_grad(p, g)
             at += k
 
-    def take_forget_grads(self) -> None:
-        """After the forget term's backward: keep its masked gradient, clear the grads."""
-        self._gf = self._flat_grads()
-        for p in self.params.values():
-            p.grad = None
+    def take_forget_grads(self, grads: list) -> None:
+        """The forget term's gradients (one per trained tensor, averaged over processes): keep the masked part."""
+        self._gf = self._flat(grads)
 
     def combine(self) -> None:
         """After the retain term's backward: grad = projected forget grad + retain grad."""
-        gr = self._flat_grads()
+        gr = self._flat([self.engine.get_grad(p) for p in self.params.values()])
         self._retain.append(gr)
         basis = torch.stack(list(self._retain), dim=1)  # n x k
         q, _ = torch.linalg.qr(basis)
@@ -86,15 +113,11 @@ class SparseUpdate:
         self._write_grads(gf + gr)
         self._gf = None
 
-    def mask_grads(self) -> None:
-        for n, p in self.params.items():
-            if p.grad is not None:
-                p.grad.mul_(self.masks[n])
-
     @torch.no_grad()
     def after_step(self) -> None:
         for n, p in self.params.items():
-            p.data = torch.where(self.masks[n], p.data, self.w0[n])
+            cur = self.engine.get_param(p)
+            self.engine.set_param(p, torch.where(self.masks[n], cur, self.w0[n].to(cur.dtype)))
         self._steps += 1
         if self.floor and self.floor_every and self._steps % self.floor_every == 0:
             self.finish()  # projected steps: training goes on from the floored weights
@@ -103,16 +126,20 @@ class SparseUpdate:
     def finish(self) -> dict:
         """Apply the floor to the current weights (in their dtype) -> floor statistics."""
         stats = {"updated_params": 0, "floor": self.floor}
+        get = self.engine.get_param
         if not self.floor:
-            stats["updated_params"] = sum(int((p.data != self.w0[n]).sum()) for n, p in self.params.items())
+            stats["updated_params"] = sum(int((get(p) != self.w0[n].to(get(p).dtype)).sum())
+                                          for n, p in self.params.items())
             return stats
         from .floor import apply_floor
 
         moved = reverted = 0
         for n, p in self.params.items():
-            changed = self.masks[n] & (p.data != self.w0[n])
-            res = apply_floor(self.w0[n], p.data, changed, formats=self.floor, margin=self.floor_margin)
-            p.data = res.weight
+            cur = get(p)
+            w0 = self.w0[n].to(cur.dtype)
+            changed = self.masks[n] & (cur != w0)
+            res = apply_floor(w0, cur, changed, formats=self.floor, margin=self.floor_margin)
+            self.engine.set_param(p, res.weight)
             moved += res.n_moved_by_floor
             reverted += res.n_reverted
             stats["updated_params"] += res.n_updated
