@@ -121,3 +121,17 @@ def next_token_logprobs(model, prompts: list[list[int]], pad_id: int) -> torch.T
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
     return F.log_softmax(logits, dim=-1)
+
+
+class TokenizedEval:
+    """What every evaluator of raw-text / multiple-choice benchmarks holds: the tokenizer (a pad id is
+    set when missing; masks always come from lengths, never from pad ids), the longest input and the
+    batch size."""
+
+    def __init__(self, tokenizer, max_length: int = 2048, batch_size: int = 32):
+        self.tok = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = tokenizer.pad_token_id
+        self.max_length = max_length
+        self.batch_size = batch_size

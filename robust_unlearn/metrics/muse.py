@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.collate import collate_prompts, collate_text
-from ..scoring import token_nll
+from ..scoring import TokenizedEval, token_nll
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,9 @@ def privleak(auc_model: float, auc_ref: float) -> float:
     return ((1.0 - auc_model) - (1.0 - auc_ref)) / (1.0 - auc_ref + 1e-10) * 100.0
 
 
-class MuseEvaluator:
+class MuseEvaluator(TokenizedEval):
     def __init__(self, tokenizer, max_length: int = 2048, batch_size: int = 32):
-        self.tok = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token  # masks come from lengths, not pad ids
-        self.pad_id = tokenizer.pad_token_id
-        self.max_length = max_length
-        self.batch_size = batch_size
+        super().__init__(tokenizer, max_length, batch_size)
         self._scorer = None
 
     def rouge_f1(self, references: list[str], generations: list[str]) -> np.ndarray:

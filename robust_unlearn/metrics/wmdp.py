@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..scoring import next_token_logprobs, shared_prompt_nll
+from ..scoring import TokenizedEval, next_token_logprobs, shared_prompt_nll
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,7 @@ def mc_context(question: str, choices: list[str], desc: str = "") -> str:
     return desc + "\n".join(lines) + "\nAnswer:"
 
 
-class MCEvaluator:
-    def __init__(self, tokenizer, max_length: int = 2048, batch_size: int = 32):
-        self.tok = tokenizer
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token  # masks come from lengths, not pad ids
-        self.pad_id = tokenizer.pad_token_id
-        self.max_length = max_length
-        self.batch_size = batch_size
-
+class MCEvaluator(TokenizedEval):
     def encode(self, context: str) -> tuple[list[int], list[list[int]]]:
         """-> (context ids, continuation ids of " A" .. " D"); a long context keeps its end."""
         enc = lambda t: self.tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
