@@ -111,7 +111,26 @@ def _configure_deepspeed(acc: Accelerator, cfg: dict) -> None:
     ds["fp16"] = {"enabled": False}
 
 
-class Engine:
+class _Plain:
+    """Whole gradients and weights of a model outside any engine (plain torch, DDP): ``p.grad``, ``p.data``."""
+
+    deepspeed, zero_stage = False, 0
+
+    def get_grad(self, p):
+        return p.grad
+
+    def set_grad(self, p, g):
+        p.grad = g
+
+    def get_param(self, p):
+        return p.data
+
+    @torch.no_grad()
+    def set_param(self, p, value):
+        p.data = value.to(p.dtype)
+
+
+class Engine(_Plain):
     """Gradients and weights of whatever ``prepare`` returned, through one interface.
 
     Plain torch and DDP keep full tensors in ``p.grad`` / ``p.data``; a DeepSpeed ZeRO engine keeps the
@@ -160,33 +179,31 @@ class Engine:
         self.opt.zero_grad(set_to_none=True)
 
     def get_grad(self, p):
-        if self.deepspeed:
-            from deepspeed.utils import safe_get_full_grad
+        if not self.deepspeed:
+            return super().get_grad(p)
+        from deepspeed.utils import safe_get_full_grad
 
-            return safe_get_full_grad(p)
-        return p.grad
+        return safe_get_full_grad(p)
 
     def set_grad(self, p, g) -> None:
-        if self.deepspeed:
-            from deepspeed.utils import safe_set_full_grad
+        if not self.deepspeed:
+            return super().set_grad(p, g)
+        from deepspeed.utils import safe_set_full_grad
 
-            safe_set_full_grad(p, g.to(torch.float32))
-        else:
-            p.grad = g
+        safe_set_full_grad(p, g.to(torch.float32))
 
     def get_param(self, p):
-        if self.deepspeed:
-            from deepspeed.utils import safe_get_full_fp32_param
+        if not self.deepspeed:
+            return super().get_param(p)
+        from deepspeed.utils import safe_get_full_fp32_param
 
-            return safe_get_full_fp32_param(p)
-        return p.data
+        return safe_get_full_fp32_param(p)
 
     @torch.no_grad()
     def set_param(self, p, value) -> None:
         """Write a whole weight: DeepSpeed's fp32 master and the module's copy (gathered under ZeRO-3)."""
         if not self.deepspeed:
-            p.data = value.to(p.dtype)
-            return
+            return super().set_param(p, value)
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(p, value.float())
@@ -197,25 +214,6 @@ class Engine:
                 p.data.copy_(value.to(p.dtype))
         else:
             p.data.copy_(value.to(p.dtype))
-
-
-class _Plain:
-    """The accessors of :class:`Engine` for a model outside any engine."""
-
-    deepspeed, zero_stage = False, 0
-
-    def get_grad(self, p):
-        return p.grad
-
-    def set_grad(self, p, g):
-        p.grad = g
-
-    def get_param(self, p):
-        return p.data
-
-    @torch.no_grad()
-    def set_param(self, p, value):
-        p.data = value.to(p.dtype)
 
 
 PLAIN = _Plain()

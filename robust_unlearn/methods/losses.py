@@ -83,20 +83,19 @@ def unlearning_objective(method: str, gamma: float = 1.0, alpha: float = 1.0, re
     f_name, r_name = METHODS[method]
     f_loss, r_loss = FORGET[f_name], RETAIN[r_name]
 
-    def parts(model, batches):
-        """(gamma * forget term, alpha * retain term or None), for loops that treat them apart."""
-        f = gamma * f_loss(model, batches["forget"], ref=ref, **hp)
-        return f, (alpha * r_loss(model, batches["retain"], ref=ref) if r_loss is not None else None)
+    def forget_term(model, batches):
+        return gamma * f_loss(model, batches["forget"], ref=ref, **hp)
+
+    def retain_term(model, batches):
+        return alpha * r_loss(model, batches["retain"], ref=ref)
 
     def objective(model, batches):
-        f, r = parts(model, batches)
-        return f if r is None else f + r
+        f = forget_term(model, batches)
+        return f if r_loss is None else f + retain_term(model, batches)
 
-    objective.parts = parts
     # the two terms apart, for the null-space step (each with its own forward and backward)
-    objective.forget_term = lambda model, batches: gamma * f_loss(model, batches["forget"], ref=ref, **hp)
-    objective.retain_term = (None if r_loss is None else
-                             lambda model, batches: alpha * r_loss(model, batches["retain"], ref=ref))
+    objective.forget_term = forget_term
+    objective.retain_term = retain_term if r_loss is not None else None
     # the forget term on one batch (saliency, attribution) and the retain NLL (retain Fisher)
     objective.forget_loss = lambda model, batch: f_loss(model, batch, ref=ref, **hp)
     objective.retain_nll = gdr
