@@ -275,12 +275,3 @@ def launch_floor_pass(w_target: torch.Tensor, w_current: torch.Tensor, mask: tor
             BOTS=tuple(BOTS), UFACS=tuple(UFACS), IN_KIND=_IN_KIND[w_current.dtype], MANT=MANT, MINE=MINE,
             ULPS=ULPS, BLOCK_SIZE=block_size, num_warps=num_warps, enable_fp_fusion=False)
     return out, ([int(c) for c in counts.tolist()] if sync else counts)
-
-
-def quant_floor(w_target, w_current, mask=None, formats=("nf4",), margin: float | None = None, **kw):
-    """The whole floor on the Triton backend: passes of the kernel until every updated element flips
-    (``robust_unlearn.robust.floor.apply_floor(..., backend="triton")``) -> FloorResult."""
-    from robust_unlearn.robust.floor import DEFAULT_MARGIN, apply_floor
-
-    return apply_floor(w_target, w_current, mask, formats=formats,
-                       margin=DEFAULT_MARGIN if margin is None else margin, backend="triton", **kw)

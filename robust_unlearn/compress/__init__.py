@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from .linears import compressible_linears  # noqa: F401  (re-exported: the package's public name)
 from .prune import magnitude_prune
 from .quantize import bnb_4bit, bnb_int8, rtn
 
@@ -55,8 +56,3 @@ def get_compression(name: str) -> CompressFn:
     raise UserError(f"unknown compression '{name}' (expected one of: none, int8, nf4, nf4-dq, fp4, rtn8, rtn4, "
                     "rtn8-g128, rtn4-g128, prune10, prune20, prune30)")
 
-
-def compressible_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """Every ``nn.Linear`` except the output head (lm_head)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from .linears import compressible_linears
+
 
 @torch.no_grad()
 def magnitude_prune(model, fraction: float):
     """Zero the ``fraction`` of decoder linear weights with the smallest |w|, one global threshold.
     Exactly ``round(fraction * n)`` weights are zeroed (ties broken by position)."""
-    from . import compressible_linears
-
     lins = [lin for _, lin in compressible_linears(model)]
     sizes = [lin.weight.numel() for lin in lins]
     flat = torch.cat([lin.weight.detach().abs().flatten().float() for lin in lins])

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from .linears import compressible_linears
+
 
 class _DropMessages(logging.Filter):
     def __init__(self, *fragments: str):
@@ -23,7 +25,7 @@ _BNB_FILTERS = {"bitsandbytes.backends.cpu.ops": _DropMessages("kernels-communit
                 "bitsandbytes.autograd._functions": _DropMessages("inputs will be cast")}
 
 
-def _bnb():
+def load_bnb():
     """``import bitsandbytes`` with the notices above filtered out."""
     for name, flt in _BNB_FILTERS.items():
         logger = logging.getLogger(name)
@@ -38,9 +40,7 @@ def _bnb():
 def bnb_4bit(model, quant_type: str = "nf4", double_quant: bool = False, blocksize: int = 64):
     """Quantize every decoder linear weight with bitsandbytes' ``quantize_4bit`` and write back its
     ``dequantize_4bit`` (blocks of 64 along the flattened weight, absmax scale per block)."""
-    F = _bnb().functional
-
-    from . import compressible_linears
+    F = load_bnb().functional
 
     for _, lin in compressible_linears(model):
         w = lin.weight.data
@@ -68,8 +68,6 @@ def rtn_tensor(w: torch.Tensor, bits: int, group_size: int | None = None) -> tor
 
 @torch.no_grad()
 def rtn(model, bits: int, group_size: int | None = None):
-    from . import compressible_linears
-
     for _, lin in compressible_linears(model):
         lin.weight.data = rtn_tensor(lin.weight.data, bits, group_size)
     return model
@@ -83,9 +81,7 @@ def bnb_int8(model, threshold: float = 6.0):
     pass activations are cast to fp16 and quantized per row to int8, except the input columns with an
     |x| >= ``threshold`` outlier, which are multiplied in the activations' precision against the
     dequantized weight columns (the mixed-precision decomposition); outputs keep the input dtype."""
-    bnb = _bnb()
-
-    from . import compressible_linears
+    bnb = load_bnb()
 
     for name, lin in compressible_linears(model):
         device = lin.weight.device

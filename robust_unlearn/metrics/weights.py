@@ -17,9 +17,9 @@ BLOCK = 64
 
 
 def nf4_code() -> torch.Tensor:
-    from ..compress.quantize import _bnb  # bitsandbytes with its no-news import notices filtered
+    from ..compress.quantize import load_bnb  # bitsandbytes with its no-news import notices filtered
 
-    return _bnb().functional.get_4bit_type("nf4", device="cpu").float()
+    return load_bnb().functional.get_4bit_type("nf4", device="cpu").float()
 
 
 def nf4_bin_width(w: torch.Tensor, blocksize: int = BLOCK) -> torch.Tensor:

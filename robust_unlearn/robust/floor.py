@@ -158,9 +158,9 @@ def _parse_formats(formats) -> tuple[QuantFormat, ...]:
 @functools.lru_cache(maxsize=None)
 def _levels(quant_type: str) -> tuple[float, ...]:
     """Sorted distinct values of bitsandbytes' 4-bit table (fp32 values)."""
-    from ..compress.quantize import _bnb
+    from ..compress.quantize import load_bnb
 
-    code = _bnb().functional.get_4bit_type(quant_type, device="cpu").float()
+    code = load_bnb().functional.get_4bit_type(quant_type, device="cpu").float()
     return tuple(float(v) for v in torch.unique(code))  # sorted; +0 and -0 are one value
 
 
@@ -607,9 +607,9 @@ def _finish(plan: _Plan, wt, wc, mk, out, iterations, backend) -> FloorResult:
 def _bnb_4bit_values(w: torch.Tensor, quant_type: str) -> torch.Tensor:
     """Per element: the table value of bitsandbytes' own 4-bit code (``quantize_4bit``, blocksize 64;
     two codes per byte, the first element in the high nibble). fp4's +0 / -0 codes compare equal."""
-    from ..compress.quantize import _bnb
+    from ..compress.quantize import load_bnb
 
-    F = _bnb().functional
+    F = load_bnb().functional
     n = w.numel()
     packed, _ = F.quantize_4bit(w.detach().float().contiguous(), blocksize=BNB_BLOCK, quant_type=quant_type)
     p = packed.reshape(-1).view(torch.uint8)
@@ -620,9 +620,9 @@ def _bnb_4bit_values(w: torch.Tensor, quant_type: str) -> torch.Tensor:
 
 def _bnb_int8_codes(w: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' LLM.int8 weight codes (``int8_vectorwise_quant`` of the fp16 weight, per row)."""
-    from ..compress.quantize import _bnb
+    from ..compress.quantize import load_bnb
 
-    F = _bnb().functional
+    F = load_bnb().functional
     rows, ncols = _rows_cols(tuple(w.shape))
     cb, _, _ = F.int8_vectorwise_quant(w.detach().to(torch.float16).reshape(rows, ncols).contiguous())
     return cb.reshape(-1)
