@@ -21,10 +21,11 @@ import torch
 
 from robust_unlearn import pipeline
 from robust_unlearn.compress import get_compression
-from robust_unlearn.config import load_recipe, method_settings
-from robust_unlearn.data import load_benchmark
+from robust_unlearn.config import cache_dir, load_recipe, method_settings
+from robust_unlearn.data import load_benchmark, target_texts
+from robust_unlearn.data.collate import formatter_for
 from robust_unlearn.metrics.tofu import Evaluator
-from robust_unlearn.models import load_model, read_metadata
+from robust_unlearn.models import load_model, read_metadata, resolve_base
 from robust_unlearn.unlearn import Reference, unlearn
 
 HERE = Path(__file__).resolve().parent
@@ -82,14 +83,14 @@ def main() -> None:
         return table() if args.log.endswith("baseline_regimes.jsonl") else wide_table(Path(args.log))
     cfg = load_recipe(None, args.overrides)
     bench = load_benchmark(cfg)
-    base = pipeline.resolve_base(cfg["model"]["base"], pipeline.config_mod.cache_dir(cfg), pipeline._texts(bench), cfg["seed"])
+    base = resolve_base(cfg["model"]["base"], cache_dir(cfg), target_texts(bench), cfg["seed"])
     target, key = pipeline.finetune_cached(cfg, bench, "target", base)
     t0 = time.time()
     ckpt = unlearn(cfg, bench, str(target), key, args.method, Path(args.out), Reference(str(target)))
     secs = time.time() - t0
     meta = read_metadata(ckpt)
     model, tok = load_model(str(ckpt))
-    ev = Evaluator(pipeline.formatter_for(tok, cfg), cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"])
+    ev = Evaluator(formatter_for(tok, cfg), cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"])
     res = {}
     for comp in args.compress.split(","):
         m = get_compression(comp)(copy.deepcopy(model))

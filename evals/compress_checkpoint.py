@@ -11,9 +11,9 @@ import time
 from robust_unlearn.compress import get_compression
 from robust_unlearn.config import load_recipe
 from robust_unlearn.data import load_benchmark
+from robust_unlearn.data.collate import formatter_for
 from robust_unlearn.metrics.tofu import Evaluator
 from robust_unlearn.models import load_model
-from robust_unlearn.pipeline import formatter_for
 
 
 def main(ckpt: str, columns: list[str], overrides: list[str]) -> None:

@@ -8,19 +8,18 @@ import sys
 import time
 
 from robust_unlearn.config import cache_dir, load_recipe
-from robust_unlearn.data import load_benchmark
-from robust_unlearn.data.collate import QADataset
+from robust_unlearn.data import load_benchmark, target_texts
+from robust_unlearn.data.collate import QADataset, formatter_for
 from robust_unlearn.methods import get_objective
 from robust_unlearn.metrics.tofu import Evaluator
 from robust_unlearn.models import load_model, resolve_base
-from robust_unlearn.pipeline import _texts, formatter_for
 from robust_unlearn.train import train
 
 
 def main(role: str, overrides: list[str]) -> None:
     cfg = load_recipe(None, overrides)
     bench = load_benchmark(cfg)
-    base = resolve_base(cfg["model"]["base"], cache_dir(cfg), _texts(bench), cfg["seed"])
+    base = resolve_base(cfg["model"]["base"], cache_dir(cfg), target_texts(bench), cfg["seed"])
     model, tok = load_model(str(base))
     if cfg["finetune"]["freeze_embeddings"]:
         model.get_input_embeddings().weight.requires_grad_(False)

@@ -552,9 +552,9 @@ def _model_config(cfg: dict, role: str, problems: list[str]) -> tuple[Any, str]:
 def _read_config(path: str, trust_remote_code: bool, gguf_file: str | None = None):
     from transformers import AutoConfig
 
-    from .models import _quiet_transformers
+    from .models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
 

@@ -34,7 +34,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def _quiet_transformers():
+def quiet_transformers():
+    """transformers' logging at errors only (no load-time notices)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -77,7 +78,7 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_cod
     alive: the training loop partitions it itself). ``name``: a local checkpoint directory or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     if is_local(name):
         check_model_dir(name)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -155,7 +156,7 @@ def smollm2_base(cache: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     t0 = time.time()
     log.info("converting %s to safetensors (once)", gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -203,7 +204,7 @@ def tiny_base(cache: Path, texts: list[str], seed: int = 0) -> Path:
     out = cache / "base" / f"tiny-{key}"
     if (out / "config.json").is_file():
         return out
-    _quiet_transformers()
+    quiet_transformers()
     tok = train_tokenizer(texts)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config(len(tok)))

@@ -1,72 +1,38 @@
 """Orchestration: data -> target + oracle -> evaluate -> report, with caches and the ledger."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from . import config as config_mod
-from .data import TEXT_BENCHMARKS, fingerprint, load_benchmark
-from .data.collate import QADataset, QAFormatter, TextDataset
+from . import ids
+from .data import TEXT_BENCHMARKS, dataset_for, fingerprint, load_benchmark, target_texts
 from .errors import UserError
 from .methods import get_objective
-from .metrics.tofu import Evaluator, SplitStats
+from .metrics.tofu import Evaluator
 from .models import load_model, resolve_base, save_model
 from .report import write_report
+from .sweep import sweep
 from .train import train
+from .unlearn import unlearn_all
 
 log = logging.getLogger(__name__)
 FINETUNE_VERSION = "ft-1"  # bump when fine-tuning code changes what it produces
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _base_identity(base: Path | str) -> dict:
-    p = Path(base)
-    if p.is_dir():
-        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
-        return {"path": str(p.resolve()), "weights": [(f.name, f.stat().st_size) for f in files]}
-    return {"hub": str(base)}
-
-
-def _texts(bench) -> list[str]:
-    rows = bench["train_target"]
-    if "text" in rows.column_names:  # a raw-text benchmark
-        return list(rows["text"])
-    return [t for r in rows for t in (r["question"], r["answer"])]
-
-
-def formatter_for(tok, cfg: dict) -> QAFormatter:
-    m = cfg["model"]
-    return QAFormatter(tok, prompt=m["prompt"], system_prompt=m["system_prompt"], max_length=m["max_length"])
-
-
-def dataset_for(cfg: dict, rows, tok):
-    """Training items of ``rows`` for this recipe's benchmark: QA pairs in the model's prompt format
-    (answer tokens trained), or raw text (every token trained; MUSE chunks, WMDP documents), both
-    cut to ``model.max_length`` tokens."""
-    mode = TEXT_BENCHMARKS.get(cfg["data"]["name"])
-    if mode is not None:
-        return TextDataset(rows, tok, cfg["model"]["max_length"], mode)
-    return QADataset(rows, formatter_for(tok, cfg))
 
 
 def finetune_cached(cfg: dict, bench, role: str, base: Path | str) -> tuple[Path, str]:
     """Fine-tune ``base`` on ``bench['train_<role>']`` (TOFU's recipe: small lr, a few epochs), or
     reuse the cached result. -> (checkpoint dir, checkpoint id)."""
     rows = bench[f"train_{role}"]
-    spec = {"version": FINETUNE_VERSION, "role": role, "base": _base_identity(base), "data": fingerprint(rows),
+    spec = {"version": FINETUNE_VERSION, "role": role, "base": ids.base_identity(base), "data": fingerprint(rows),
             "finetune": cfg["finetune"], "seed": cfg["seed"],
             "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")}}
-    key = _hash(spec)[:16]
+    key = ids.stable_hash(spec)[:16]
     out = config_mod.cache_dir(cfg) / "models" / f"{role}-{key}"
     if (out / "config.json").is_file():
         log.info("%s: reusing cached checkpoint %s", role, out)
@@ -95,51 +61,18 @@ def finetune_cached(cfg: dict, bench, role: str, base: Path | str) -> tuple[Path
     return out, key
 
 
-def _ckpt_id(path: str) -> str:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
-        return _hash([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])[:16]
-    return _hash(path)[:16]
-
-
-def _eval_id(cfg: dict, bench) -> str:
-    spec = {"eval": cfg["eval"], "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")},
-            "data": {s: fingerprint(bench[s]) for s in bench if not s.startswith("train_")}}
-    return _hash(spec)[:16]
-
-
-def _save_stats(path: Path, per: dict[str, SplitStats]) -> None:
-    obj = {split: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(st).items()}
-           for split, st in per.items()}
-    tmp = path.with_suffix(".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
-
-
 def evaluate_checkpoint(cfg: dict, bench, run_dir: Path, label: str, ckpt: str, ckpt_id: str | None = None,
                         method: str = "none", oracle_stats: Path | None = None,
                         evaluator: Evaluator | None = None) -> tuple[dict, Path]:
     """Evaluate one checkpoint (compression ``none``) into the run's ledger; skip if already there.
     The ``none`` column of ``sweep.sweep`` (one code path). -> (metrics, path of its per-example stats)."""
-    from .sweep import sweep  # late: sweep imports this module's helpers
-
     cells = sweep(cfg, bench, run_dir, [(label, ckpt, method, ckpt_id)], ["none"], oracle=oracle_stats,
                   evaluator=evaluator)
     return cells[(label, "none")]
 
 
-def _split_of(metric: str) -> str:
-    if metric in ("model_utility", "mmlu_acc"):
-        return "utility"
-    if metric in ("privleak", "mia_min_k") or metric.startswith("wmdp_"):
-        return "forget"  # MUSE's attack on the forget set; WMDP's hazardous knowledge
-    return metric.split("_", 1)[0]
-
-
 def _base(cfg: dict, bench) -> Path | str:
-    return resolve_base(cfg["model"]["base"], config_mod.cache_dir(cfg), _texts(bench), cfg["seed"])
+    return resolve_base(cfg["model"]["base"], config_mod.cache_dir(cfg), target_texts(bench), cfg["seed"])
 
 
 def target_checkpoint(cfg: dict, bench, given: str | None = None) -> tuple[str, str]:
@@ -147,7 +80,7 @@ def target_checkpoint(cfg: dict, bench, given: str | None = None) -> tuple[str, 
     base on ``train_target``. -> (checkpoint, checkpoint id)."""
     given = given or cfg["model"]["target"]
     if given is not None:
-        return str(given), _ckpt_id(str(given))
+        return str(given), ids.ckpt_id(str(given))
     path, key = finetune_cached(cfg, bench, "target", _base(cfg, bench))
     return str(path), key
 
@@ -155,7 +88,7 @@ def target_checkpoint(cfg: dict, bench, given: str | None = None) -> tuple[str, 
 def oracle_checkpoint(cfg: dict, bench) -> tuple[str, str] | None:
     """The retain oracle (the recipe's ``model.oracle`` or fine-tuned on ``train_oracle``), or None."""
     if cfg["model"]["oracle"] is not None:
-        return cfg["model"]["oracle"], _ckpt_id(cfg["model"]["oracle"])
+        return cfg["model"]["oracle"], ids.ckpt_id(cfg["model"]["oracle"])
     if "train_oracle" in bench:
         path, key = finetune_cached(cfg, bench, "oracle", _base(cfg, bench))
         return str(path), key
@@ -186,9 +119,6 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
     evaluate_checkpoint(cfg, bench, run_dir, "target", *models["target"], oracle_stats=oracle_stats)
     # unlearn -> compress -> evaluate: every method from the one target, then the sweep over
     # target, oracle and every unlearned checkpoint (each loaded once)
-    from .sweep import sweep
-    from .unlearn import unlearn_all
-
     unlearned = unlearn_all(cfg, bench, *models["target"], run_dir) if cfg["unlearn"]["methods"] else {}
     checkpoints = [("target", models["target"][0], "none", models["target"][1])]
     if "oracle" in models and cfg["sweep"]["oracle"]:

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import ids
 from .compress import check_compression, get_compression
 from .ledger import Ledger
-from .metrics import suite_for
+from .metrics import split_of, suite_for
+from .metrics.stats import save_stats
 from .metrics.tofu import Evaluator
 from .models import load_model, read_metadata  # load_model runs check_compatible
-from .pipeline import _ckpt_id, _eval_id, _save_stats, _split_of
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def check_vocab(path: str, trust_remote_code: bool = False) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from .errors import UserError
-    from .models import _quiet_transformers
+    from .models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         conf = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -66,7 +67,7 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
     """Evaluate every checkpoint under every compression into ``run_dir/results.jsonl``.
 
     ``checkpoints``: ``(label, path, method)`` or ``(label, path, method, ckpt_id)`` tuples (ckpt_id
-    defaults to ``pipeline._ckpt_id(path)``). ``compressions``: column names (``compress``), in
+    defaults to ``ids.ckpt_id(path)``). ``compressions``: column names (``compress``), in
     order. ``oracle``: the stats JSON of the retain oracle's uncompressed evaluation; when None and a
     checkpoint is labelled ``oracle``, that checkpoint is swept first and its ``none`` cell (evaluated
     even if ``none`` is not a column) is the reference. ``evaluator``: reused for every checkpoint
@@ -78,9 +79,9 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
     run_dir = Path(run_dir)
     for name in compressions:
         check_compression(name)
-    eval_id = _eval_id(cfg, bench)
+    eval_id = ids.eval_id(cfg, bench)
     ledger = Ledger(run_dir / "results.jsonl")
-    items = [(c[0], str(c[1]), c[2], c[3] if len(c) > 3 and c[3] else _ckpt_id(str(c[1]))) for c in checkpoints]
+    items = [(c[0], str(c[1]), c[2], c[3] if len(c) > 3 and c[3] else ids.ckpt_id(str(c[1]))) for c in checkpoints]
     items.sort(key=lambda it: it[0] != ORACLE)  # stable: the oracle first, the rest as given
     suite = suite_for(cfg)
     oracle_ref = suite.load_reference(Path(oracle)) if oracle else None
@@ -116,8 +117,8 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
             m.eval()
             metrics, per = ev.evaluate(m, bench, ref, splits=suite.splits(comp))
             del m
-            _save_stats(sp, per)
-            rows = [{"model": label, "method": method, "compression": comp, "split": _split_of(name),
+            save_stats(sp, per)
+            rows = [{"model": label, "method": method, "compression": comp, "split": split_of(name),
                      "metric": name, "value": value, "ckpt": ckpt_id, "eval": eval_id, "precision": precision,
                      "checkpoint": path} for name, value in metrics.items()]
             written = ledger.append(rows)

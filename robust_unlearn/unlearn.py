@@ -23,7 +23,9 @@ import torch
 from .metrics.weights import update_stats
 from .compress import compressible_linears
 from .config import method_settings
-from .data import fingerprint, is_text_benchmark
+from .data import dataset_for, fingerprint, is_text_benchmark
+from .data.collate import formatter_for
+from .ids import stable_hash
 from .metrics.tofu import Evaluator
 from .methods import NEEDS_REF, build_objective, check_method, split_method
 from .models import load_model, read_metadata, save_model
@@ -98,14 +100,12 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             reference: Reference | None = None) -> Path:
     """Unlearn ``bench['forget']`` from ``target`` with ``method`` -> checkpoint dir (reused when the
     same spec was already trained into ``out_dir``)."""
-    from .pipeline import _hash, dataset_for, formatter_for  # the pipeline owns hashing and prompt formatting
-
     check_method(method)
     settings = method_settings(cfg, method)
     spec = {"version": UNLEARN_VERSION, "method": method, "settings": settings, "target": target_id,
             "forget": fingerprint(bench["forget"]), "retain": fingerprint(retain_rows(bench)), "seed": cfg["seed"],
             "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")}}
-    key = _hash(spec)[:12]
+    key = stable_hash(spec)[:12]
     out = Path(out_dir) / f"{method}-{key}"
     if (out / "config.json").is_file() and read_metadata(out).get("spec_key") == key:
         log.info("%s: reusing %s", method, out)

@@ -19,8 +19,8 @@ import torch
 
 from robust_unlearn import pipeline
 from robust_unlearn.config import load_recipe
-from robust_unlearn.data import load_benchmark
-from robust_unlearn.models import load_model, read_metadata
+from robust_unlearn.data import load_benchmark, target_texts
+from robust_unlearn.models import load_model, read_metadata, resolve_base
 from robust_unlearn.robust.floor import verify_flips
 
 from test_methods import TINY, probs
@@ -39,7 +39,7 @@ def setup(cache_dir, tmp_path_factory):
     overrides = TINY + ROBUST + PARITY + [f"cache_dir={cache_dir / 'methods'}"]
     cfg = load_recipe(None, overrides)
     bench = load_benchmark(cfg)
-    base = pipeline.resolve_base("tiny", cache_dir / "methods", pipeline._texts(bench), 0)
+    base = resolve_base("tiny", cache_dir / "methods", target_texts(bench), 0)
     target, _ = pipeline.finetune_cached(cfg, bench, "target", base)
     assert len(bench["forget"]) % 4 == 0 and len(bench["train_oracle"]) % 4 == 0
     return cfg, bench, str(target), overrides, tmp_path_factory.mktemp("dist")

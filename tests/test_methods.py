@@ -10,10 +10,11 @@ import torch
 
 from robust_unlearn import pipeline
 from robust_unlearn.config import load_recipe
-from robust_unlearn.data import load_benchmark
+from robust_unlearn.data import load_benchmark, target_texts
+from robust_unlearn.data.collate import formatter_for
 from robust_unlearn.errors import TrainingDiverged, UserError
 from robust_unlearn.metrics.tofu import Evaluator
-from robust_unlearn.models import load_model, read_metadata
+from robust_unlearn.models import load_model, read_metadata, resolve_base
 from robust_unlearn.unlearn import Reference, unlearn
 
 TINY = ["model.base=tiny", "model.prompt=qa", "data.num_authors=4", "data.qa_per_author=4",
@@ -37,14 +38,14 @@ def setup(cache_dir, tmp_path_factory):
     torch.set_num_threads(1)
     cfg = load_recipe(None, TINY + [f"cache_dir={cache_dir / 'methods'}"])
     bench = load_benchmark(cfg)
-    base = pipeline.resolve_base("tiny", cache_dir / "methods", pipeline._texts(bench), 0)
+    base = resolve_base("tiny", cache_dir / "methods", target_texts(bench), 0)
     target, key = pipeline.finetune_cached(cfg, bench, "target", base)
     return cfg, bench, str(target), key, Reference(str(target)), tmp_path_factory.mktemp("unlearned")
 
 
 def probs(cfg, bench, path):
     model, tok = load_model(str(path))
-    ev = Evaluator(pipeline.formatter_for(tok, cfg))
+    ev = Evaluator(formatter_for(tok, cfg))
     return [float(np.exp(-ev.mean_nll(model, [(r["question"], r["answer"]) for r in bench[s]])).mean())
             for s in ("forget", "retain")]
 

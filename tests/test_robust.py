@@ -13,9 +13,9 @@ import torch
 from robust_unlearn import pipeline
 from robust_unlearn.compress import compressible_linears
 from robust_unlearn.config import load_recipe
-from robust_unlearn.data import load_benchmark
+from robust_unlearn.data import load_benchmark, target_texts
 from robust_unlearn.metrics.weights import audit
-from robust_unlearn.models import load_model, read_metadata
+from robust_unlearn.models import load_model, read_metadata, resolve_base
 from robust_unlearn.robust.floor import verify_flips
 from robust_unlearn.robust.saliency import prune_threshold
 from robust_unlearn.unlearn import Reference, unlearn
@@ -37,7 +37,7 @@ def setup(cache_dir, tmp_path_factory):
     torch.set_num_threads(1)
     cfg = load_recipe(None, TINY + ROBUST + [f"cache_dir={cache_dir / 'methods'}"])
     bench = load_benchmark(cfg)
-    base = pipeline.resolve_base("tiny", cache_dir / "methods", pipeline._texts(bench), 0)
+    base = resolve_base("tiny", cache_dir / "methods", target_texts(bench), 0)
     target, key = pipeline.finetune_cached(cfg, bench, "target", base)
     return cfg, bench, str(target), key, Reference(str(target)), tmp_path_factory.mktemp("robust")
 

@@ -22,7 +22,7 @@ import datasets
 
 from ..errors import UserError
 from . import fictitious
-from .tofu import _percent, load_tofu
+from .tofu import forget_percent, load_tofu
 
 BENCHMARKS = ("fictitious", "tofu", "muse_news", "wmdp")
 # raw-text benchmarks -> how a corpus becomes training items (data.collate.TextDataset's mode)
@@ -41,7 +41,7 @@ FEATURES = datasets.Features({
 def check_fictitious(d: dict) -> int:
     """Forget authors of the built-in benchmark for the recipe's ``data`` section (``UserError`` if the
     split leaves no retain author or asks for more question types than there are)."""
-    pct = _percent(d["forget_split"])
+    pct = forget_percent(d["forget_split"])
     n = d["num_authors"]
     k = fictitious.forget_author_count(pct, n)
     if k >= n:
@@ -124,6 +124,27 @@ def is_text_benchmark(cfg: dict) -> bool:
     return cfg["data"]["name"] in TEXT_BENCHMARKS
 
 
+def target_texts(bench) -> list[str]:
+    """The text of ``train_target`` (raw documents, or every question and answer): what a tiny base
+    model's tokenizer is trained on (``models.resolve_base``)."""
+    rows = bench["train_target"]
+    if "text" in rows.column_names:  # a raw-text benchmark
+        return list(rows["text"])
+    return [t for r in rows for t in (r["question"], r["answer"])]
+
+
+def dataset_for(cfg: dict, rows, tok):
+    """Training items of ``rows`` for this recipe's benchmark: QA pairs in the model's prompt format
+    (answer tokens trained), or raw text (every token trained; MUSE chunks, WMDP documents), both
+    cut to ``model.max_length`` tokens."""
+    from .collate import QADataset, TextDataset, formatter_for  # late: collate imports torch
+
+    mode = TEXT_BENCHMARKS.get(cfg["data"]["name"])
+    if mode is not None:
+        return TextDataset(rows, tok, cfg["model"]["max_length"], mode)
+    return QADataset(rows, formatter_for(tok, cfg))
+
+
 def fingerprint(rows) -> str:
     """A content hash of rows (a Dataset or a list of dicts), stable across processes."""
     h = hashlib.sha256()
@@ -135,7 +156,7 @@ def fingerprint(rows) -> str:
 
 def export_tofu_files(bench: datasets.DatasetDict, directory: str | Path, forget_split: str) -> list[Path]:
     """Write a benchmark in TOFU's file names (so any TOFU tool, and our own loader, reads it)."""
-    pct = _percent(forget_split)
+    pct = forget_percent(forget_split)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     names = {"full": "full", f"{forget_split}_perturbed": "forget", "retain_perturbed": "retain",

@@ -192,3 +192,10 @@ class TextDataset(torch.utils.data.Dataset):
 
     def collate(self, batch):
         return collate_text(batch, self.pad_id)
+
+
+def formatter_for(tok, cfg: dict) -> QAFormatter:
+    """The recipe's prompt format (``model.prompt``, ``model.system_prompt``, ``model.max_length``)
+    on tokenizer ``tok``."""
+    m = cfg["model"]
+    return QAFormatter(tok, prompt=m["prompt"], system_prompt=m["system_prompt"], max_length=m["max_length"])

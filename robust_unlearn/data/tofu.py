@@ -62,7 +62,8 @@ def read_jsonl(path: Path, required: tuple[str, ...] = REQUIRED) -> list[dict]:
     return _check_rows(rows, str(path), required)
 
 
-def _percent(split: str) -> int:
+def forget_percent(split: str) -> int:
+    """``forgetNN`` -> NN (the percent of authors forgotten); ``UserError`` for any other name."""
     m = re.fullmatch(r"forget(\d{2})", split)
     if not m or not 0 < int(m.group(1)) < 100:
         raise UserError(f"forget split '{split}' is not a valid name (expected forgetNN, e.g. forget01, forget05, forget10)")
@@ -118,7 +119,7 @@ def file_problems(path: str, forget_split: str, need_oracle_train: bool = True) 
     """What ``load_tofu`` would reject (problems) and skip (notes) from a local TOFU directory, found
     from its file names alone; a hub id -> ([], [a note that it was not checked]). ``UserError`` for a
     bad split name or a local path that is not a directory."""
-    pct = _percent(forget_split)
+    pct = forget_percent(forget_split)
     src = _Source(path)
     if not src.is_local:
         return [], [f"data.path '{path}' is a hub id: not checked offline"]
@@ -136,7 +137,7 @@ def file_problems(path: str, forget_split: str, need_oracle_train: bool = True) 
 
 def load_tofu(path: str, forget_split: str, need_oracle_train: bool = True) -> dict:
     """-> dict of split name -> rows; ``None`` for a split whose file is absent (warned)."""
-    pct = _percent(forget_split)
+    pct = forget_percent(forget_split)
     src = _Source(path)
     retain_name = f"retain{100 - pct:02d}"
     if src.is_local:

@@ -26,3 +26,12 @@ def suite_for(cfg: dict):
     from .tofu import TofuSuite
 
     return TofuSuite(cfg)
+
+
+def split_of(metric: str) -> str:
+    """The ledger's ``split`` of a metric name: the data split it measures (utility, forget, retain, ...)."""
+    if metric in ("model_utility", "mmlu_acc"):
+        return "utility"
+    if metric in ("privleak", "mia_min_k") or metric.startswith("wmdp_"):
+        return "forget"  # MUSE's attack on the forget set; WMDP's hazardous knowledge
+    return metric.split("_", 1)[0]

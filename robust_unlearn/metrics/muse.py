@@ -21,7 +21,6 @@ Base models, no chat template. Generation is greedy, batched with left padding.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..data.collate import collate_prompts, collate_text
 from ..scoring import TokenizedEval, token_nll
+from .stats import load_stats
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,8 @@ class MuseSuite:
 
     @staticmethod
     def load_reference(path: Path) -> float | None:
-        if not Path(path).is_file():
-            return None
-        a = json.loads(Path(path).read_text()).get("privleak", {}).get("auc")
+        saved = load_stats(path)
+        a = None if saved is None else saved.get("privleak", {}).get("auc")
         return float(a) if a is not None else None
 
     def evaluator(self, tok) -> MuseEvaluator:

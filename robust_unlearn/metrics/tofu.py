@@ -26,7 +26,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from ..data.collate import QAFormatter, collate_prompts
+from ..data.collate import QAFormatter, collate_prompts, formatter_for
 from ..scoring import shared_prompt_nll
 
 log = logging.getLogger(__name__)
@@ -224,16 +224,12 @@ class TofuSuite:
     @staticmethod
     def load_reference(path) -> np.ndarray | None:
         """The forget truth ratios saved with a cell's per-example stats."""
-        import json
-        from pathlib import Path
+        from .stats import load_stats
 
-        if not Path(path).is_file():
-            return None
-        tr = json.loads(Path(path).read_text()).get("forget", {}).get("truth_ratio")
+        saved = load_stats(path)
+        tr = None if saved is None else saved.get("forget", {}).get("truth_ratio")
         return np.array(tr) if tr is not None else None
 
     def evaluator(self, tok) -> Evaluator:
-        from ..pipeline import formatter_for  # the pipeline owns prompt formatting
-
         e = self.cfg["eval"]
         return Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"])

@@ -1,0 +1,44 @@
+"""Hashes and ids: the cache keys of checkpoints and evaluation setups.
+
+What is hashed is part of every cache key (fine-tuned and unlearned checkpoints, ledger cells): change
+nothing here without meaning to invalidate every cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .data import fingerprint
+
+
+def stable_hash(obj) -> str:
+    """sha256 (hex) of ``obj`` as sorted-key JSON (anything else through ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_identity(base: Path | str) -> dict:
+    """A base model as part of a fine-tuning spec: a local directory by its path and weight files'
+    names and sizes, anything else by its (hub) name."""
+    p = Path(base)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        return {"path": str(p.resolve()), "weights": [(f.name, f.stat().st_size) for f in files]}
+    return {"hub": str(base)}
+
+
+def ckpt_id(path: str) -> str:
+    """A checkpoint's id (16 hex): of its weight files' names, sizes and mtimes, or of its name."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        return stable_hash([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])[:16]
+    return stable_hash(path)[:16]
+
+
+def eval_id(cfg: dict, bench) -> str:
+    """An evaluation setup's id (16 hex): the eval settings, the prompt format and every evaluated
+    split's fingerprint."""
+    spec = {"eval": cfg["eval"], "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")},
+            "data": {s: fingerprint(bench[s]) for s in bench if not s.startswith("train_")}}
+    return stable_hash(spec)[:16]
