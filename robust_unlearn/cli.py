@@ -67,7 +67,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .config import DEFAULT_RECIPE, check_recipe
+    from .check import check_recipe
+    from .config import DEFAULT_RECIPE
 
     recipe, overrides = _split_recipe_and_overrides(args.items)
     label = recipe or os.path.relpath(DEFAULT_RECIPE)

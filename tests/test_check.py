@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from robust_unlearn.config import check_recipe, load_recipe
+from robust_unlearn.check import check_recipe
+from robust_unlearn.config import load_recipe
 from robust_unlearn.errors import UserError
 
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")

@@ -1,0 +1,182 @@
+"""The offline ``check`` command: every problem of a recipe at once, without training or downloading.
+
+What ``config.load_recipe`` checks (``config.recipe_problems``), plus what needs files: the data
+(split names, a local TOFU directory's files) and the models (a local checkpoint's config.json, read
+without weights; RMU's layer and parameters against the model built on the meta device).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .config import assemble, cache_dir, method_settings, recipe_problems
+from .errors import UserError
+
+
+class RecipeCheck(NamedTuple):
+    cfg: dict | None        # the merged recipe (None when the file could not be read)
+    problems: list[str]     # one line each; empty: the recipe is fine
+    notes: list[str]        # what was not checked, or what a run will skip
+    models: dict[str, str]  # model.base / target / oracle -> how it was checked
+
+
+def check_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RecipeCheck:
+    """Every problem of a recipe at once, offline: what ``load_recipe`` checks, plus the data
+    (split names, a local TOFU directory's files) and the models (a local checkpoint's config.json,
+    read without weights: ``unlearn.rmu_layer`` and ``unlearn.rmu_params`` against its layers and
+    parameter names). Hub ids are noted as not checked."""
+    problems: list[str] = []
+    cfg = assemble(path, overrides, problems)
+    if cfg is None:
+        return RecipeCheck(None, problems, [], {})
+    problems += recipe_problems(cfg)
+    notes: list[str] = []
+    _check_data(cfg, problems, notes)
+    models = _check_models(cfg, problems, notes)
+    return RecipeCheck(cfg, problems, notes, models)
+
+
+def _check_data(cfg: dict, problems: list[str], notes: list[str]) -> None:
+    from .data import check_fictitious
+    from .data.tofu import file_problems
+
+    d = cfg["data"]
+    try:
+        if d["name"] == "fictitious":
+            check_fictitious(d)
+            if d["path"]:
+                notes.append(f"data.path '{d['path']}' is not read when data.name=fictitious")
+        elif d["name"] == "tofu" and d["path"]:
+            bad, skipped = file_problems(d["path"], d["forget_split"], need_oracle_train=cfg["model"]["oracle"] is None)
+            problems += bad
+            notes += skipped
+    except UserError as exc:
+        problems.append(str(exc))
+
+
+def _model_config(cfg: dict, role: str, problems: list[str]) -> tuple[Any, str]:
+    """-> (transformers config or None, a short description) of ``model.<role>``."""
+    from .models import check_model_dir, is_local, smollm2_cache_dir, smollm2_gguf, tiny_config
+
+    name = cfg["model"][role]
+    where = f"model.{role} '{name}'"
+    gguf_file = None
+    if role == "base" and name == "tiny":
+        return tiny_config(vocab_size=1024), "built-in tiny: llama, 2 layers"
+    if role == "base" and name == "smollm2-135m":
+        try:
+            gguf = smollm2_gguf()
+        except UserError as exc:
+            problems.append(f"model.base: {exc}")
+            return None, "built-in SmolLM2-135M-Instruct, missing"
+        desc = "built-in SmolLM2-135M-Instruct"
+        p = smollm2_cache_dir(cache_dir(cfg), gguf)  # its safetensors copy, once made; else the GGUF's metadata
+        if not (p / "config.json").is_file():
+            p, gguf_file = gguf.parent, gguf.name
+    elif not is_local(name):
+        return None, "hub id, not checked offline"
+    else:
+        p = Path(name).expanduser()
+        if not p.exists():
+            problems.append(f"{where} not found (expected a local checkpoint directory or a hub id such as org/name)")
+            return None, "not found"
+        try:
+            check_model_dir(p)
+        except UserError as exc:
+            problems.append(f"model.{role}: {exc}")
+            return None, "not a checkpoint"
+        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+            problems.append(f"{where} has no tokenizer files (expected tokenizer.json or tokenizer_config.json "
+                            "saved with the checkpoint)")
+        desc = "local"
+    try:
+        conf = _read_config(str(p), cfg["model"]["trust_remote_code"], gguf_file)
+    except Exception as exc:  # transformers raises OSError / ValueError / KeyError for bad configs
+        problems.append(f"{where}: its config could not be read ({str(exc).splitlines()[0]})")
+        return None, "unreadable config"
+    return conf, f"{desc}: {getattr(conf, 'model_type', '?')}, {getattr(conf, 'num_hidden_layers', '?')} layers"
+
+
+@functools.lru_cache(maxsize=16)
+def _read_config(path: str, trust_remote_code: bool, gguf_file: str | None = None):
+    from transformers import AutoConfig
+
+    from .models import quiet_transformers
+
+    quiet_transformers()
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+
+
+def _check_models(cfg: dict, problems: list[str], notes: list[str]) -> dict[str, str]:
+    m = cfg["model"]
+    base_needed = m["target"] is None or m["oracle"] is None
+    models, configs, descs = {}, {}, {}
+    for role in ("base", "target", "oracle"):
+        if m[role] is None:
+            models[role] = "fine-tuned from model.base"
+        elif role == "base" and not base_needed:
+            models[role] = "not used (model.target and model.oracle are given)"
+        else:
+            configs[role], descs[role] = _model_config(cfg, role, problems)
+            models[role] = f"{m[role]} ({descs[role]})"
+    # the unlearned model has the target's architecture (the base's when the target is fine-tuned)
+    role = "target" if m["target"] is not None else "base"
+    rmu = [x for x in cfg["unlearn"]["methods"] if _base_method(x) == "RMU"]
+    if rmu and configs.get(role) is None:
+        notes.append(f"RMU's rmu_layer and rmu_params not checked against model.{role} ({descs[role]})")
+    elif rmu:
+        problems += _rmu_problems(cfg, rmu, configs[role], f"model.{role} '{m[role]}'")
+    return models
+
+
+def _base_method(name: str) -> str | None:
+    from .methods import METHOD_NAMES, split_method
+
+    return split_method(name)[1] if name in METHOD_NAMES else None
+
+
+def _rmu_problems(cfg: dict, methods: list[str], conf, where: str) -> list[str]:
+    """``rmu_layer`` in range and ``rmu_params`` matching parameters that reach its loss, for each RMU
+    method, on the model built from ``conf`` on the meta device (no memory for weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .methods.rmu import decoder_layers, find_layer, set_trainable
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg["model"]["trust_remote_code"])
+    except Exception as exc:  # an architecture transformers cannot build
+        return [f"{where}: cannot build the model from its config to check RMU ({str(exc).splitlines()[0]})"]
+    out = []
+    for method in methods:
+        st = method_settings(cfg, method)
+        try:
+            re.compile(st["rmu_params"])
+        except (re.error, TypeError):
+            continue  # reported by recipe_problems
+        if not isinstance(st["rmu_layer"], int):
+            continue  # reported by recipe_problems
+        found = []
+        for check in (lambda: find_layer(model, st["rmu_layer"]), lambda: set_trainable(model, st["rmu_params"])):
+            try:
+                found.append(check())
+            except UserError as exc:
+                out.append(f"{method} on {where}: {exc}")
+        if len(found) < 2:
+            continue
+        # the loss is taken at the output of layer rmu_layer: only the embeddings and layers up to it train
+        names, layer = found[1], st["rmu_layer"] % len(decoder_layers(model))
+        if not [n for n in names if (_layer_of(n) is not None and _layer_of(n) <= layer) or "embed" in n]:
+            out.append(f"{method} on {where}: unlearn.rmu_params '{st['rmu_params']}' matches only parameters after "
+                       f"layer {st['rmu_layer']} (e.g. {names[0]}), which RMU's loss at that layer does not train")
+    return out
+
+
+def _layer_of(param_name: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", param_name)
+    return int(m.group(1)) if m else None
