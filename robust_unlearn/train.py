@@ -10,6 +10,10 @@ Precision: ``fp32``; ``mixed`` = bf16 autocast compute with fp32 master weights 
 under DeepSpeed: its bf16 mode, whose master weights are fp32).
 A non-finite loss stops the run with :class:`TrainingDiverged` before anything is saved.
 
+Each step: the batches of every stream -> ``protocol.forward`` (the loss) -> the finite check ->
+``protocol.update`` (backward, optimizer step) -> scheduler -> log -> stop check -> state save. The
+protocol is an ``engine.Step``: the plain step by default, or the caller's (``robust.update.SparseUpdate``).
+
 Resume: with ``state_dir`` and ``cfg['checkpoint_every']`` the loop saves its whole state (weights,
 optimizer, scheduler, RNG via ``Accelerator.save_state``; step, losses, the caller's ``extra`` state and
 the step protocol's) every N steps into ``state_dir/step-NNNNNN``, written in a temporary directory and
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .data.collate import IGNORE
-from .engine import PLAIN, Engine, Step, _Plain  # noqa: F401 (Engine, PLAIN: the loop's interface, re-exported)
+from .engine import PLAIN, Engine, Step
 from .errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
