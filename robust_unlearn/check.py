@@ -140,11 +140,13 @@ def _base_method(name: str) -> str | None:
 
 
 def _rmu_problems(cfg: dict, methods: list[str], conf, where: str) -> list[str]:
-    """``rmu_layer`` in range and ``rmu_params`` matching parameters that reach its loss, for each RMU
-    method, on the model built from ``conf`` on the meta device (no memory for weights)."""
+    """``rmu_layer`` in range and (plain RMU; SURE_/Robust_RMU choose by saliency) ``rmu_params`` matching
+    parameters that reach its loss, for each RMU method, on the model built from ``conf`` on the meta
+    device (no memory for weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .methods import split_method
     from .methods.rmu import decoder_layers, find_layer, set_trainable
 
     try:
@@ -162,12 +164,15 @@ def _rmu_problems(cfg: dict, methods: list[str], conf, where: str) -> list[str]:
         if not isinstance(st["rmu_layer"], int):
             continue  # reported by recipe_problems
         found = []
-        for check in (lambda: find_layer(model, st["rmu_layer"]), lambda: set_trainable(model, st["rmu_params"])):
+        checks = [lambda: find_layer(model, st["rmu_layer"])]
+        if split_method(method)[0] is None:
+            checks.append(lambda: set_trainable(model, st["rmu_params"]))
+        for check in checks:
             try:
                 found.append(check())
             except UserError as exc:
                 out.append(f"{method} on {where}: {exc}")
-        if len(found) < 2:
+        if len(found) < 2:  # a check failed, or a wrapper (no rmu_params to check)
             continue
         # the loss is taken at the output of layer rmu_layer: only the embeddings and layers up to it train
         names, layer = found[1], st["rmu_layer"] % len(decoder_layers(model))

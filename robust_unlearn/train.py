@@ -10,9 +10,13 @@ Precision: ``fp32``; ``mixed`` = bf16 autocast compute with fp32 master weights 
 under DeepSpeed: its bf16 mode, whose master weights are fp32).
 A non-finite loss stops the run with :class:`TrainingDiverged` before anything is saved.
 
+Each step: the batches of every stream -> ``protocol.forward`` (the loss) -> the finite check ->
+``protocol.update`` (backward, optimizer step) -> scheduler -> log -> stop check -> state save. The
+protocol is an ``engine.Step``: the plain step by default, or the caller's (``robust.update.SparseUpdate``).
+
 Resume: with ``state_dir`` and ``cfg['checkpoint_every']`` the loop saves its whole state (weights,
 optimizer, scheduler, RNG via ``Accelerator.save_state``; step, losses, the caller's ``extra`` state and
-the constraint's) every N steps into ``state_dir/step-NNNNNN``, written in a temporary directory and
+the step protocol's) every N steps into ``state_dir/step-NNNNNN``, written in a temporary directory and
 renamed, so a kill at any moment leaves the last complete state. Started again it resumes from there
 and reproduces the uninterrupted run (same batches: the samplers are replayed to the step).
 """
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .data.collate import IGNORE
+from .engine import PLAIN, Engine, Step
 from .errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
@@ -111,112 +116,6 @@ def _configure_deepspeed(acc: Accelerator, cfg: dict) -> None:
     ds["fp16"] = {"enabled": False}
 
 
-class _Plain:
-    """Whole gradients and weights of a model outside any engine (plain torch, DDP): ``p.grad``, ``p.data``."""
-
-    deepspeed, zero_stage = False, 0
-
-    def get_grad(self, p):
-        return p.grad
-
-    def set_grad(self, p, g):
-        p.grad = g
-
-    def get_param(self, p):
-        return p.data
-
-    @torch.no_grad()
-    def set_param(self, p, value):
-        p.data = value.to(p.dtype)
-
-
-class Engine(_Plain):
-    """Gradients and weights of whatever ``prepare`` returned, through one interface.
-
-    Plain torch and DDP keep full tensors in ``p.grad`` / ``p.data``; a DeepSpeed ZeRO engine keeps the
-    gradients and the fp32 master weights in its optimizer's partitions, read and written with
-    ``deepspeed.utils.safe_get_full_grad`` / ``safe_set_full_grad`` / ``safe_get_full_fp32_param`` /
-    ``safe_set_full_fp32_param`` (collective: every process calls them in the same order).
-    """
-
-    def __init__(self, acc: Accelerator, model, opt):
-        self.acc, self.model, self.opt = acc, model, opt
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        self.zero_stage = int(acc.state.deepspeed_plugin.zero_stage) if self.deepspeed else 0
-
-    def backward(self, loss) -> None:
-        if self.deepspeed:
-            self.model.backward(loss)  # the engine's backward, without accelerate's implied step
-        else:
-            self.acc.backward(loss)
-
-    def forget_grads(self, loss, params: list) -> list:
-        """Gradients of ``loss`` for ``params``, averaged over processes, then cleared from the model."""
-        if self.deepspeed:  # through the engine (its hooks own the gradients), read back, cleared
-            self.model.backward(loss)
-            grads = [self.get_grad(p).detach().clone() for p in params]
-            self.model.optimizer.zero_grad(set_to_none=True)
-            return grads
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if self.acc.num_processes > 1:
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
-            flat = self.acc.reduce(flat, "mean")
-            out, at = [], 0
-            for g in grads:
-                out.append(flat[at: at + g.numel()].view_as(g).to(g.dtype))
-                at += g.numel()
-            grads = out
-        return grads
-
-    def step(self, params: list, clip: float | None) -> None:
-        if self.deepspeed:
-            self.model.step()  # clipping (from the config), optimizer step, zero grad
-            return
-        if clip:
-            self.acc.clip_grad_norm_(params, clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def get_grad(self, p):
-        if not self.deepspeed:
-            return super().get_grad(p)
-        from deepspeed.utils import safe_get_full_grad
-
-        return safe_get_full_grad(p)
-
-    def set_grad(self, p, g) -> None:
-        if not self.deepspeed:
-            return super().set_grad(p, g)
-        from deepspeed.utils import safe_set_full_grad
-
-        safe_set_full_grad(p, g.to(torch.float32))
-
-    def get_param(self, p):
-        if not self.deepspeed:
-            return super().get_param(p)
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        return safe_get_full_fp32_param(p)
-
-    @torch.no_grad()
-    def set_param(self, p, value) -> None:
-        """Write a whole weight: DeepSpeed's fp32 master and the module's copy (gathered under ZeRO-3)."""
-        if not self.deepspeed:
-            return super().set_param(p, value)
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        safe_set_full_fp32_param(p, value.float())
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data.copy_(value.to(p.dtype))
-        else:
-            p.data.copy_(value.to(p.dtype))
-
-
-PLAIN = _Plain()
 
 
 def _latest_state(state_dir: Path | None) -> Path | None:
@@ -226,7 +125,7 @@ def _latest_state(state_dir: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
-def _save_state(acc: Accelerator, state_dir: Path, step: int, losses: list, extra: dict, constraint) -> None:
+def _save_state(acc: Accelerator, state_dir: Path, step: int, losses: list, extra: dict, protocol: Step) -> None:
     """Everything needed to go on from ``step``, into a temporary directory renamed when complete."""
     final = state_dir / f"step-{step:06d}"
     tmp = state_dir / f".tmp-step-{step:06d}"
@@ -237,8 +136,9 @@ def _save_state(acc: Accelerator, state_dir: Path, step: int, losses: list, extr
     acc.save_state(str(tmp))  # every process writes its part (RNG state; DeepSpeed: its partitions)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        if constraint is not None:
-            torch.save(constraint.state_dict(), tmp / "constraint.pt")
+        proto_state = protocol.state_dict()
+        if proto_state is not None:
+            torch.save(proto_state, tmp / "constraint.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "losses": losses, "extra": extra}))
         tmp.rename(final)  # the marker of a complete state is trainer_state.json inside a step-* dir
         for old in state_dir.glob("step-*"):
@@ -258,7 +158,8 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     ``datasets``: name -> a dataset with a ``collate`` method (see ``data.collate.QADataset``).
     ``cfg``: lr, batch_size (global), epochs, weight_decay, warmup_ratio, schedule (a transformers
     scheduler name: linear, constant_with_warmup, cosine, ...), precision, grad_clip, checkpoint_every.
-    ``constraint``: a ``robust.update.SparseUpdate`` (masked, retain-projected updates), or None.
+    ``constraint``: the step protocol (``engine.Step``), e.g. a ``robust.update.SparseUpdate`` (masked,
+    retain-projected updates); None: the plain step.
     ``state_dir``: where resumable states go (with ``cfg['checkpoint_every']`` > 0); ``extra``: the
     caller's JSON-able state saved with them and restored in place on resume.
     Returns the unwrapped model (trained in place; under ZeRO-3 a new, whole model on the main process
@@ -276,8 +177,8 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     if cfg["precision"] == "bf16" and not deepspeed:
         model.to(torch.bfloat16)
     model.train()
-    if constraint is not None:
-        constraint.start()  # masks and target values, on the whole model before any partitioning
+    protocol = constraint if constraint is not None else Step()
+    protocol.start()  # e.g. masks and target values, on the whole model before any partitioning
     params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no optimizer state
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     gen = torch.Generator().manual_seed(seed)
@@ -291,8 +192,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
                           num_training_steps=total)
     model, opt, sched, *prepared = acc.prepare(model, opt, sched, *loaders.values())
     engine = Engine(acc, model, opt)
-    if constraint is not None:
-        constraint.attach(engine)
+    protocol.attach(engine)
     loaders = dict(zip(loaders, prepared))
     iters = {name: iter(dl) for name, dl in loaders.items()}
 
@@ -302,6 +202,15 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
         except StopIteration:
             iters[name] = iter(loaders[name])
             return next(iters[name])
+
+    def next_batches() -> dict:
+        batches = {name: next_batch(name) for name in loaders}
+        if n_proc > 1:
+            for b in batches.values():  # token means over the global batch (methods.losses.token_mean)
+                if "labels" in b:
+                    n = (b["labels"][:, 1:] != IGNORE).sum().float()
+                    b["token_scale"] = n * n_proc / acc.reduce(n.clone(), "sum").clamp(min=1)
+        return batches
 
     losses: list[float] = []
     start = 0
@@ -315,8 +224,8 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
         for k, v in st["extra"].items():  # the caller's lists, refilled in place
             if extra is not None and k in extra:
                 extra[k][:] = v
-        if constraint is not None and (resume / "constraint.pt").is_file():
-            constraint.load_state_dict(torch.load(resume / "constraint.pt"))
+        if (resume / "constraint.pt").is_file():
+            protocol.load_state_dict(torch.load(resume / "constraint.pt"))
         for _ in range(start):  # the same batches as an uninterrupted run from here on
             for name in loaders:
                 next_batch(name)
@@ -324,33 +233,13 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
 
     bar = tqdm(range(start, total), desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True,
                initial=start, total=total)
-    split = constraint is not None and constraint.split_grads and getattr(objective, "retain_term", None) is not None
     for step in bar:
-        batches = {name: next_batch(name) for name in loaders}
-        if n_proc > 1:
-            for b in batches.values():  # token means over the global batch (methods.losses.token_mean)
-                if "labels" in b:
-                    n = (b["labels"][:, 1:] != IGNORE).sum().float()
-                    b["token_scale"] = n * n_proc / acc.reduce(n.clone(), "sum").clamp(min=1)
-        if split:  # null-space step: the forget and retain gradients apart
-            with acc.autocast():
-                f_loss = objective.forget_term(model, batches)
-            constraint.take_forget_grads(engine.forget_grads(f_loss, constraint.trained))
-            with acc.autocast():
-                r_loss = objective.retain_term(model, batches)
-            loss = f_loss.detach() + r_loss.detach()
-        else:
-            with acc.autocast():
-                loss = objective(model, batches)
+        batches = next_batches()
+        loss = protocol.forward(objective, model, batches)
         if not torch.isfinite(loss.detach()):
             raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step + 1}/{total} "
                                    f"(lr {cfg['lr']}); stopped, nothing from this run was saved")
-        engine.backward(r_loss if split else loss)
-        if split:
-            constraint.combine()
-        engine.step(params, cfg.get("grad_clip"))
-        if constraint is not None:
-            constraint.after_step()
+        protocol.update(params, cfg.get("grad_clip"))
         sched.step()
         losses.append(acc.reduce(loss.detach().float(), "mean").item() if n_proc > 1 else loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -364,7 +253,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
 
                 done = bool(broadcast(torch.tensor([int(done)], device=acc.device), from_process=0).item())
         if state_dir is not None and every and (step + 1) % every == 0 and not done and step + 1 < total:
-            _save_state(acc, state_dir, step + 1, losses, extra or {}, constraint)
+            _save_state(acc, state_dir, step + 1, losses, extra or {}, protocol)
         if done:
             break
     bar.close()
@@ -373,8 +262,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
         model.eval()
         if cfg["precision"] == "mixed" or (deepspeed and cfg["precision"] == "bf16"):
             model.to(torch.float32)
-    if constraint is not None:
-        constraint.attach(PLAIN, model)
+    protocol.attach(PLAIN, model)
     return model, losses
 
 

@@ -106,6 +106,11 @@ def test_local_model_rmu_layer_and_params_are_checked(tiny_dir):
     assert res.problems == []
     # RMU not run: nothing to check against the model
     assert check_recipe(None, models + ["unlearn.methods=[GradDiff]"]).problems == []
+    # SURE_RMU / Robust_RMU choose their parameters by saliency: only rmu_layer is checked
+    res = check_recipe(None, models + ["unlearn.methods=[SURE_RMU,Robust_RMU]"])
+    assert sorted(p.split(" on ")[0] for p in res.problems) == ["Robust_RMU", "SURE_RMU"], res.problems
+    assert all("rmu_layer 7 is out of range" in p for p in res.problems), res.problems
+    assert check_recipe(None, models + ["unlearn.methods=[SURE_RMU,Robust_RMU]", "unlearn.rmu_layer=1"]).problems == []
 
 
 def test_missing_local_paths_are_problems(tmp_path):

@@ -93,7 +93,7 @@ def test_reference_is_loaded_once_and_reused(setup, monkeypatch):
     assert calls.count(target) == 2  # the shared reference loads nothing
 
 
-@pytest.mark.parametrize("method", ["RMU", "NPO_KLR", "SURE_NPO_KLR"])
+@pytest.mark.parametrize("method", ["RMU", "NPO_KLR", "SURE_NPO_KLR", "Robust_RMU"])
 def test_shared_reference_gives_the_full_copy_weights(setup, method):
     """The reference from frozen copies of the trained tensors computes exactly what a second model
     does (fp32): the unlearned weights are bit-identical."""

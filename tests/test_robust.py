@@ -4,7 +4,8 @@ Bound, as for the baselines: forget answer probability <= 0.5x the target's, ret
 Structure: SURE changes only its salient modules; the robust method changes only the weights of its
 mask (the rest bit-identical to the target), never one that 30% magnitude pruning of the target would
 zero, and every weight it changed has a different NF4 code (by bitsandbytes' quantize_4bit) and int8
-code than the target's.
+code than the target's. The same for RMU as the base (SURE_RMU, Robust_RMU); RMU's loss at layer l
+gives no saliency after l, so SURE_RMU steered at layer 0 trains only layer 0.
 """
 import numpy as np
 import pytest
@@ -29,7 +30,12 @@ ROBUST = ["unlearn.sure_percentile=50", "unlearn.robust_topk=0.2", "unlearn.robu
           "unlearn.per_method.SURE_GradDiff.steps=null", "unlearn.per_method.SURE_NPO_KLR.steps=null",
           "unlearn.per_method.Robust_GradDiff.steps=null", "unlearn.per_method.Robust_GradDiff.stop_forget_prob=null",
           "unlearn.per_method.Robust_GradDiff.robust_topk=0.2", "unlearn.per_method.Robust_GradDiff.robust_floor_every=0",
-          "unlearn.per_method.Robust_GradDiff.robust_floor_margin=0.2"]
+          "unlearn.per_method.Robust_GradDiff.robust_floor_margin=0.2",
+          # RMU as the base: TINY's RMU settings (test_methods); SURE_RMU steers layer 0 of 2
+          "unlearn.per_method.SURE_RMU.lr=2e-3", "unlearn.per_method.SURE_RMU.alpha=10",
+          "unlearn.per_method.SURE_RMU.rmu_steering=5", "unlearn.per_method.SURE_RMU.rmu_layer=0",
+          "unlearn.per_method.Robust_RMU.lr=2e-3", "unlearn.per_method.Robust_RMU.alpha=10",
+          "unlearn.per_method.Robust_RMU.rmu_steering=5"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def _weights(path):
     return model, {f"{n}.weight": m.weight.detach().clone() for n, m in compressible_linears(model)}
 
 
-@pytest.mark.parametrize("method", ["SURE_GradDiff", "SURE_NPO_KLR", "Robust_GradDiff"])
+@pytest.mark.parametrize("method", ["SURE_GradDiff", "SURE_NPO_KLR", "Robust_GradDiff", "SURE_RMU", "Robust_RMU"])
 def test_sure_and_robust_forget_and_keep_retain(setup, method):
     cfg, bench, target, key, ref, out = setup
     f0, r0 = probs(cfg, bench, target)
@@ -67,9 +73,21 @@ def test_sure_and_robust_forget_and_keep_retain(setup, method):
             assert torch.equal(p, q), n
 
 
-def test_robust_update_is_sparse_pruning_safe_and_flips_codes(setup):
+def test_sure_rmu_trains_only_up_to_the_steered_layer(setup):
     cfg, bench, target, key, ref, out = setup
-    ckpt = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
+    ckpt = unlearn(cfg, bench, target, key, "SURE_RMU", out, ref)  # rmu_layer 0 (ROBUST)
+    meta = read_metadata(ckpt)
+    assert meta["plan"]["salient"] and all(n.startswith("model.layers.0.") for n in meta["plan"]["salient"])
+    _, wa = _weights(target)
+    _, wb = _weights(ckpt)
+    changed = {n for n in wa if not torch.equal(wa[n], wb[n])}
+    assert changed and all(n.startswith("model.layers.0.") for n in changed)
+
+
+@pytest.mark.parametrize("method", ["Robust_GradDiff", "Robust_RMU"])
+def test_robust_update_is_sparse_pruning_safe_and_flips_codes(setup, method):
+    cfg, bench, target, key, ref, out = setup
+    ckpt = unlearn(cfg, bench, target, key, method, out, ref)
     a, wa = _weights(target)
     _, wb = _weights(ckpt)
     thr = prune_threshold(a, 0.3)

@@ -10,16 +10,18 @@ from ..errors import UserError
 from .losses import METHODS, gdr, unlearning_objective
 from .rmu import rmu_objective, set_trainable
 
+# the base methods: the losses of ``losses.METHODS`` and RMU (``rmu``), objectives with one interface
+BASES = tuple(METHODS) + ("RMU",)
 # SURE_<base>: train only the salient modules (Zhang et al. 2024); Robust_<base>: SURE + the
 # retain-protected sparse mask, null-space step and quantization-bin floor (``robust.update``)
 WRAPPERS = ("SURE", "Robust")
-METHOD_NAMES = tuple(METHODS) + ("RMU",) + tuple(f"{w}_{b}" for w in WRAPPERS for b in METHODS)
+METHOD_NAMES = BASES + tuple(f"{w}_{b}" for w in WRAPPERS for b in BASES)
 
 
 def split_method(name: str) -> tuple[str | None, str]:
     """``"SURE_NPO_KLR"`` -> ``("SURE", "NPO_KLR")``; ``"GradDiff"`` -> ``(None, "GradDiff")``."""
     for w in WRAPPERS:
-        if name.startswith(w + "_") and name[len(w) + 1:] in METHODS:
+        if name.startswith(w + "_") and name[len(w) + 1:] in BASES:
             return w, name[len(w) + 1:]
     return None, name
 
@@ -55,17 +57,20 @@ def check_method(name: str, where: str = "method") -> str:
 
 def build_objective(method: str, settings: dict, model, ref=None, seed: int = 0):
     """The objective of ``method`` with recipe settings ``settings`` (see ``config.method_settings``).
-    Sets which parameters of ``model`` train (RMU: a regex; the others: all)."""
+    Sets which parameters of ``model`` train: plain RMU the ``rmu_params`` regex, the others all
+    (SURE / Robust choose theirs later, by saliency: ``robust.update.plan_update``)."""
     check_method(method)
     if method in NEEDS_REF and ref is None:
         raise ValueError(f"{method} needs the frozen reference model")
-    if method == "RMU":
+    wrapper, method = split_method(method)
+    if method == "RMU" and wrapper is None:
         set_trainable(model, settings["rmu_params"])
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if method == "RMU":
         return rmu_objective(model, ref, layer=settings["rmu_layer"], steering=settings["rmu_steering"],
                              gamma=settings["gamma"], alpha=settings["alpha"], seed=seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    method = split_method(method)[1]  # SURE / Robust choose their parameters later (robust.update)
     f_name = METHODS[method][0]
     hp = {"npo": {"beta": settings["npo_beta"]},
           "simnpo": {"beta": settings["simnpo_beta"], "delta": settings["simnpo_delta"]}}.get(f_name, {})

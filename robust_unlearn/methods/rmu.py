@@ -6,10 +6,15 @@ held to the frozen model's activations at the same layer:
 
     L = gamma * mean ||h_l(x_f) - c u||^2  +  alpha * mean ||h_l(x_r) - h_l^frozen(x_r)||^2
 
-(mean squared error over hidden units and answer tokens). Only the parameters named by a regex are
-trained: by default the MLP down-projections of layers l-2..l, as open-unlearning's RMU
-(``model.layers.(5|6|7).mlp.down_proj.weight``, layer 7). The forward pass stops at layer ``l``:
-nothing after it can change the loss.
+(mean squared error over hidden units and answer tokens). Plain RMU trains only the parameters named
+by a regex: by default the MLP down-projections of layers l-2..l, as open-unlearning's RMU
+(``model.layers.(5|6|7).mlp.down_proj.weight``, layer 7); ``SURE_RMU`` / ``Robust_RMU`` choose them by
+saliency instead (``robust.update.plan_update``), like every other base method. The forward pass stops
+at layer ``l``: nothing after it can change the loss (so saliency is zero there).
+
+The objective has the interface of ``losses.unlearning_objective``: the two terms apart
+(``forget_term`` / ``retain_term``, for the null-space step), the forget term on one batch
+(``forget_loss``, saliency) and the retain NLL (``retain_nll``, the retain Fisher).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 
 from ..data.collate import IGNORE
 from ..errors import UserError
-from .losses import token_mean
+from .losses import gdr, token_mean
 
 
 class _Stop(Exception):
@@ -94,18 +99,28 @@ def rmu_objective(model, ref, layer: int = 7, steering: float = 20.0, gamma: flo
     ref_layer = find_layer(ref, layer)
     find_layer(model, layer)  # range check now, not at the first step
 
-    def objective(m, batches):
-        lay = find_layer(m, layer)
-        f = batches["forget"]
-        h_f = layer_activations(m, f, lay)
-        loss = gamma * token_mean(_masked_mse(h_f, control.to(h_f.device).expand_as(h_f), f["labels"]), f)
+    def steer(m, batch):  # the forget term on one batch (before gamma)
+        h_f = layer_activations(m, batch, find_layer(m, layer))
+        return token_mean(_masked_mse(h_f, control.to(h_f.device).expand_as(h_f), batch["labels"]), batch)
+
+    def forget_term(m, batches):
+        return gamma * steer(m, batches["forget"])
+
+    def retain_term(m, batches):
         r = batches["retain"]
-        h_r = layer_activations(m, r, lay)
+        h_r = layer_activations(m, r, find_layer(m, layer))
         with torch.no_grad():
             now = ref.current() if hasattr(ref, "current") else ref  # methods.unlearn.SharedReference
             h_ref = layer_activations(now, r, ref_layer if now is ref else find_layer(now, layer))
-        return loss + alpha * token_mean(_masked_mse(h_r, h_ref, r["labels"]), r)
+        return alpha * token_mean(_masked_mse(h_r, h_ref, r["labels"]), r)
 
+    def objective(m, batches):
+        return forget_term(m, batches) + retain_term(m, batches)
+
+    objective.forget_term = forget_term
+    objective.retain_term = retain_term
+    objective.forget_loss = steer
+    objective.retain_nll = gdr
     objective.needs_ref = True
     objective.streams = ("forget", "retain")
     return objective

@@ -1,8 +1,8 @@
 """The robust update, inside the one training loop: SURE's module selection, the retain-protected
 sparse mask, the null-space step and the quantization-bin floor.
 
-``plan_update`` runs before training (at the target weights) and returns a :class:`SparseUpdate`
-that ``train.train`` calls around every optimizer step:
+``plan_update`` runs before training (at the target weights) and returns a :class:`SparseUpdate`,
+the step protocol (``engine.Step``) that ``train.train`` calls every step:
 
 - only the masked weights of the salient modules train (frozen parameters get no optimizer state);
 - null-space step (``robust_nullspace`` = k > 0): the forget gradient is projected off the span of the
@@ -25,12 +25,13 @@ from collections import deque
 
 import torch
 
+from ..engine import PLAIN, Step
 from .saliency import build_masks, forget_scores, linear_weights, retain_fisher, salient_modules
 
 log = logging.getLogger(__name__)
 
 
-class SparseUpdate:
+class SparseUpdate(Step):
     def __init__(self, model, masks: dict[str, torch.Tensor], nullspace: int = 0, floor: list[str] | None = None,
                  floor_margin: float = 0.2, floor_every: int = 0):
         named = dict(model.named_parameters())
@@ -46,6 +47,7 @@ class SparseUpdate:
         self._gf: torch.Tensor | None = None
         self._hooks: list = []
         self.engine = None
+        self._split = False
         for p in model.parameters():
             p.requires_grad_(False)
         for p in self.params.values():
@@ -58,8 +60,6 @@ class SparseUpdate:
 
     def start(self) -> None:
         """Record the target values (in the dtype training runs in) and mask the gradients by hooks."""
-        from ..train import PLAIN
-
         self.w0 = {n: p.detach().clone() for n, p in self.params.items()}
         self.engine = PLAIN
         if not self._hooks:
@@ -71,6 +71,30 @@ class SparseUpdate:
         if model is not None:
             named = dict(model.named_parameters())
             self.params = {n: named[n] for n in self.params}
+
+    def forward(self, objective, model, batches: dict) -> torch.Tensor:
+        """The loss; with the null-space step the forget term's gradients are taken here (its own
+        forward and backward) and the retain term is kept for ``update``'s backward."""
+        self._split = self.split_grads and getattr(objective, "retain_term", None) is not None
+        if not self._split:
+            return super().forward(objective, model, batches)
+        with self.engine.acc.autocast():
+            f_loss = objective.forget_term(model, batches)
+        self.take_forget_grads(self.engine.forget_grads(f_loss, self.trained))
+        with self.engine.acc.autocast():
+            r_loss = objective.retain_term(model, batches)
+        self._backward = r_loss
+        return f_loss.detach() + r_loss.detach()
+
+    def update(self, params: list, clip: float | None) -> None:
+        """Backward, (null-space step: projected forget + retain gradient), optimizer step, then every
+        weight outside the mask back to the target's value (and the floor every ``floor_every`` steps)."""
+        self.engine.backward(self._backward)
+        self._backward = None
+        if self._split:
+            self.combine()
+        self.engine.step(params, clip)
+        self.after_step()
 
     @property
     def trained(self) -> list:
