@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics.weights import update_stats
 from .compress import compressible_linears
 from .config import method_settings
 from .data import dataset_for, fingerprint, is_text_benchmark
@@ -30,6 +29,7 @@ from .metrics.tofu import Evaluator
 from .methods import NEEDS_REF, build_objective, check_method, split_method
 from .models import load_model, read_metadata, save_model
 from .train import train
+from .weight_stats import update_stats
 
 log = logging.getLogger(__name__)
 UNLEARN_VERSION = "ul-1"  # bump when the unlearning code changes what it produces
