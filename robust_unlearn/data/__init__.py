@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .benchmarks import BENCHMARKS, Benchmark, benchmark_of
-from .fictitious import check_fictitious
 from .tofu import forget_percent
 
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["BENCHMARKS", "Benchmark", "benchmark_of", "check_fictitious", "dataset_for", "export_tofu_files",
-           "fingerprint", "is_text_benchmark", "load_benchmark", "target_texts"]
+__all__ = ["BENCHMARKS", "Benchmark", "benchmark_of", "dataset_for", "export_tofu_files", "fingerprint",
+           "is_text_benchmark", "load_benchmark", "target_texts"]
 
 
 def _features():
