@@ -40,19 +40,18 @@ def check_recipe(path: str | os.PathLike | None = None, overrides: list[str] | N
 
 
 def _check_data(cfg: dict, problems: list[str], notes: list[str]) -> None:
-    from .data import check_fictitious
-    from .data.tofu import file_problems
+    from .data.benchmarks import BENCHMARKS
 
     d = cfg["data"]
+    bench = BENCHMARKS.get(d["name"])
+    if bench is None or bench.check is None:
+        return
     try:
-        if d["name"] == "fictitious":
-            check_fictitious(d)
-            if d["path"]:
-                notes.append(f"data.path '{d['path']}' is not read when data.name=fictitious")
-        elif d["name"] == "tofu" and d["path"]:
-            bad, skipped = file_problems(d["path"], d["forget_split"], need_oracle_train=cfg["model"]["oracle"] is None)
-            problems += bad
-            notes += skipped
+        bad, skipped = bench.check(d, cfg)
+        problems += bad
+        notes += skipped
+        if d["path"] and not bench.reads_path:
+            notes.append(f"data.path '{d['path']}' is not read when data.name={bench.name}")
     except UserError as exc:
         problems.append(str(exc))
 

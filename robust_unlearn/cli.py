@@ -69,6 +69,7 @@ def cmd_run(args) -> int:
 def cmd_check(args) -> int:
     from .check import check_recipe
     from .config import DEFAULT_RECIPE
+    from .data.benchmarks import BENCHMARKS
 
     recipe, overrides = _split_recipe_and_overrides(args.items)
     label = recipe or os.path.relpath(DEFAULT_RECIPE)
@@ -83,7 +84,7 @@ def cmd_check(args) -> int:
         return 1
     cfg = res.cfg
     d = cfg["data"]
-    data = f"{d['name']} {d['forget_split']}" + (f" from {d['path']}" if d["name"] == "tofu" else "")
+    data = f"{d['name']} {d['forget_split']}" + (f" from {d['path']}" if BENCHMARKS[d["name"]].requires_path else "")
     print(f"{label}: ok")
     print(f"  methods:      {', '.join(cfg['unlearn']['methods']) or '(none)'}")
     print(f"  compressions: {', '.join(cfg['sweep']['compressions'])}")
@@ -258,6 +259,8 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.benchmarks import BENCHMARKS  # light: no datasets, no torch
+
     p = argparse.ArgumentParser(prog="robust-unlearn", description="LLM unlearning that survives compression.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = p.add_subparsers(dest="command", required=True)
@@ -284,9 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate any Hugging Face checkpoint on a benchmark; rows go to OUT/results.jsonl.")
     e.add_argument("model_dir", help="checkpoint directory (or hub id)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    e.add_argument("--benchmark", choices=["fictitious", "tofu", "muse_news", "wmdp"],
-                   help="benchmark (default: the recipe's)")
-    e.add_argument("--data-path", help="the benchmark's directory or hub id (tofu, muse_news, wmdp)")
+    e.add_argument("--benchmark", choices=list(BENCHMARKS), help="benchmark (default: the recipe's)")
+    e.add_argument("--data-path", help="the benchmark's directory or hub id "
+                   f"({', '.join(n for n, b in BENCHMARKS.items() if b.reads_path)})")
     e.add_argument("--forget-split", help="forget split, e.g. forget10")
     e.add_argument("--recipe", help="recipe YAML whose data/model/eval settings to use (default: recipes/default.yaml)")
     e.add_argument("--oracle", help="retain-oracle checkpoint, for forget_quality (TOFU) / privleak (MUSE)")

@@ -389,14 +389,15 @@ def recipe_problems(cfg: dict) -> list[str]:
     compressions, precisions, floor formats; value ranges), one line each. ``load_recipe`` raises the
     first; ``check.check_recipe`` adds what needs files or model configs."""
     out: list[str] = []
-    from .data import BENCHMARKS  # late: data imports datasets
+    from .data.benchmarks import BENCHMARKS, unknown
 
-    if cfg["data"]["name"] not in BENCHMARKS:
-        out.append(f"data.name '{cfg['data']['name']}' is unknown (expected one of {', '.join(BENCHMARKS)})")
-    if cfg["data"]["name"] == "tofu" and not cfg["data"]["path"]:
-        out.append("data.path must name a TOFU directory or hub id when data.name=tofu")
+    bench = BENCHMARKS.get(cfg["data"]["name"])
+    if bench is None:
+        out.append(unknown(cfg["data"]["name"]))
+    elif bench.requires_path and not cfg["data"]["path"]:
+        out.append(f"data.path must name a {bench.title} directory or hub id when data.name={bench.name}")
     try:
-        _validate_text_data(cfg["data"])
+        _validate_data(cfg["data"], bench)
     except UserError as exc:
         out.append(str(exc))
     if cfg["finetune"]["precision"] not in PRECISIONS:
@@ -467,7 +468,8 @@ def _schedule_problems(where: str, name: Any) -> list[str]:
     return [] if name in names else [f"{where} '{name}' is unknown (expected a transformers scheduler: {', '.join(names)})"]
 
 
-def _validate_text_data(d: dict) -> None:
+def _validate_data(d: dict, bench) -> None:
+    """Types of the data keys, then the benchmark's own recipe-only checks (``Benchmark.validate``)."""
     for key in ("path", "corpus_path", "mmlu_path"):
         if d[key] is not None and not isinstance(d[key], str):
             raise UserError(f"data.{key} must be a directory or hub id, got {d[key]!r}")
@@ -475,16 +477,8 @@ def _validate_text_data(d: dict) -> None:
         v = d[key]
         if v is not None and not (isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))):
             raise UserError(f"data.{key} must be a name, a comma-separated string or a list of names, got {v!r}")
-    if d["name"] == "muse_news":
-        for key in ("forget_corpus", "retain_corpus"):
-            if d[key] is not None and (not isinstance(d[key], str) or "," in d[key]):
-                raise UserError(f"data.{key} must name one split of MUSE's raw config (e.g. forget, retain1), got {d[key]!r}")
-    if d["name"] == "wmdp":
-        from .data.wmdp import SUBSETS, names
-
-        for s in names(d["wmdp_subsets"], SUBSETS):
-            if s not in SUBSETS:
-                raise UserError(f"data.wmdp_subsets: unknown subset '{s}' (expected some of {', '.join(SUBSETS)})")
+    if bench is not None and bench.validate is not None:
+        bench.validate(d)
 
 
 def cache_dir(cfg: dict) -> Path:

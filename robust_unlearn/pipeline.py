@@ -11,7 +11,7 @@ import yaml
 
 from . import config as config_mod
 from . import ids
-from .data import TEXT_BENCHMARKS, dataset_for, fingerprint, load_benchmark, target_texts
+from .data import benchmark_of, dataset_for, fingerprint, load_benchmark, target_texts
 from .errors import UserError
 from .methods import get_objective
 from .metrics.tofu import Evaluator
@@ -136,12 +136,7 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
 
 
 def _forget_name(cfg: dict) -> str:
-    d = cfg["data"]
-    if d["name"] not in TEXT_BENCHMARKS:
-        return d["forget_split"]
-    default = "forget" if d["name"] == "muse_news" else "cyber-forget-corpus"
-    corpus = d["forget_corpus"] or default
-    return ",".join(corpus) if isinstance(corpus, list) else corpus
+    return benchmark_of(cfg).forget_name(cfg["data"])
 
 
 def evaluate(cfg: dict, model_dir: str, out: str | Path, label: str | None = None, oracle: str | None = None) -> dict:

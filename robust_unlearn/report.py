@@ -7,28 +7,17 @@ import json
 import os
 from pathlib import Path
 
+from .data.benchmarks import METRIC_SETS
 from .ledger import Ledger
 
-MAIN = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "forget_quality", "model_utility",
-        "retain_Q_A_Prob", "retain_Q_A_ROUGE", "holdout_Q_A_Prob",
-        # MUSE-News, WMDP (a ledger holds one benchmark's metrics; absent ones are not shown)
-        "forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
-        "wmdp_bio_acc", "wmdp_cyber_acc", "wmdp_chem_acc", "mmlu_acc")
+# every benchmark's report columns, pivots and notes, from its declaration (data.benchmarks); a ledger
+# holds one benchmark's metrics, absent ones are not shown
+MAIN = tuple(dict.fromkeys(m for ms in METRIC_SETS for m in ms.main))
 MODEL_ORDER = {"target": 0, "oracle": 1}
-PIVOT = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_quality", "model_utility",
-         "forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
-         "wmdp_bio_acc", "wmdp_cyber_acc", "wmdp_chem_acc", "mmlu_acc")
+PIVOT = tuple(dict.fromkeys(m for ms in METRIC_SETS for m in ms.pivot))
 # per benchmark: (heatmap metric, scatter x, scatter y); the first whose heatmap metric is in the ledger
-PLOTS = (("forget_Q_A_Prob", "forget_Q_A_Prob", "model_utility"),
-         ("forget_knowmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE"),
-         ("wmdp_bio_acc", "wmdp_bio_acc", "mmlu_acc"),
-         ("wmdp_cyber_acc", "wmdp_cyber_acc", "mmlu_acc"))
-NOTES = {"forget_Q_A_Prob": "Metrics follow TOFU (Maini et al. 2024) as open-unlearning computes them; "
-                            "see `robust_unlearn/metrics/tofu.py` for the exact definitions.",
-         "forget_knowmem_ROUGE": "Metrics follow MUSE (Shi et al. 2024) as open-unlearning computes them; "
-                                 "see `robust_unlearn/metrics/muse.py` for the exact definitions.",
-         "mmlu_acc": "WMDP (Li et al. 2024) and MMLU zero-shot accuracy as lm-evaluation-harness computes it; "
-                     "see `robust_unlearn/metrics/wmdp.py` for the exact definitions."}
+PLOTS = tuple((f, f, ms.utility) for ms in METRIC_SETS for f in ms.forget)
+NOTES = {ms.note_metric: ms.note for ms in METRIC_SETS}
 HEATMAP, SCATTER = "forget_heatmap.png", "utility_vs_forget.png"
 
 
@@ -117,12 +106,8 @@ def sweep_section(run_dir: Path, rows: list[dict]) -> list[str]:
         precision[(r["model"], r["method"])] = r.get("precision") or "–"
         checkpoint[(r["model"], r["method"])] = r.get("checkpoint") or "–"
     names = {r["metric"] for r in rows}
-    if "privleak" in names:
-        ref_note = "privleak compares every cell with the retain oracle's uncompressed Min-K% AUC."
-    elif "mmlu_acc" in names or any(n.startswith("wmdp_") for n in names):
-        ref_note = "WMDP has no retain oracle: accuracies are absolute (chance is 0.25)."
-    else:
-        ref_note = "forget_quality compares every cell with the retain oracle's uncompressed forget truth ratios."
+    ref_note = next((ms.reference_note for ms in METRIC_SETS if names & set(ms.reference_metrics)),
+                    METRIC_SETS[0].reference_note)
     lines = ["", "## Compression sweep", "",
              "Rows: models (target and retain oracle first); columns: compressions in sweep order. " + ref_note, "",
              "| model | method | precision | checkpoint |", "|---|---|---|---|"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -107,6 +108,40 @@ def shared_prompt_nll(model, prompts: list[list[int]], answers: list[list[list[i
         res.append([(sums[j + k], counts[j + k]) for k in range(len(group))])
         j += len(group)
     return res
+
+
+@torch.no_grad()
+def qa_mean_nll(model, fmt, pairs: list[tuple[str, str]], batch_size: int, desc: str = "score") -> np.ndarray:
+    """Mean answer-token NLL of each (question, answer) in ``fmt``'s prompt format (a
+    ``data.collate.QAFormatter``). Pairs with the same question share one pass over the prompt
+    (:func:`shared_prompt_nll`); batches hold about ``batch_size`` answers of questions of similar
+    length. The same computation as ``metrics.tofu.Evaluator.mean_nll``: unlearning's early-stop
+    probe uses it without importing the metrics."""
+    from tqdm.auto import tqdm
+
+    groups: dict[str, list[int]] = {}
+    for i, (q, _) in enumerate(pairs):
+        groups.setdefault(q, []).append(i)
+    questions = sorted(groups, key=lambda q: len(fmt.prompt_ids(q)))
+    out = np.zeros(len(pairs), dtype=np.float64)
+    batches, cur, size = [], [], 0
+    for q in questions:
+        if cur and size + len(groups[q]) > batch_size:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(q)
+        size += len(groups[q])
+    if cur:
+        batches.append(cur)
+    for qs in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
+        prompts = [fmt.prompt_ids(q) for q in qs]
+        room = [max(1, fmt.max_length - len(p)) for p in prompts]
+        answers = [[fmt.answer_ids(pairs[i][1])[:r] for i in groups[q]] for q, r in zip(qs, room)]
+        res = shared_prompt_nll(model, prompts, answers, fmt.pad_id)
+        for q, group in zip(qs, res):
+            for i, (total, count) in zip(groups[q], group):
+                out[i] = total / max(count, 1)
+    return out
 
 
 @torch.no_grad()

@@ -20,16 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics.weights import update_stats
 from .compress import compressible_linears
 from .config import method_settings
 from .data import dataset_for, fingerprint, is_text_benchmark
 from .data.collate import formatter_for
 from .ids import stable_hash
-from .metrics.tofu import Evaluator
 from .methods import NEEDS_REF, build_objective, check_method, split_method
 from .models import load_model, read_metadata, save_model
+from .scoring import qa_mean_nll
 from .train import train
+from .weight_stats import update_stats
 
 log = logging.getLogger(__name__)
 UNLEARN_VERSION = "ul-1"  # bump when the unlearning code changes what it produces
@@ -139,11 +139,10 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     if is_text_benchmark(cfg):
         forget_prob = _text_forget_prob(streams["forget"], cfg["eval"]["batch_size"])
     else:
-        ev = Evaluator(fmt, batch_size=cfg["eval"]["batch_size"])
         pairs = [(r["question"], r["answer"]) for r in bench["forget"]]
 
         def forget_prob(m):
-            return float(np.exp(-ev.mean_nll(m, pairs)).mean())
+            return float(np.exp(-qa_mean_nll(m, fmt, pairs, cfg["eval"]["batch_size"])).mean())
 
     def forget_prob_reached(m, step):
         p = forget_prob(m)

@@ -136,3 +136,25 @@ def test_cycle_finder():
     assert _resolve("robust_unlearn.data.tofu", False, 2, "errors") == "robust_unlearn.errors"
     assert _resolve("robust_unlearn.data", True, 1, "tofu") == "robust_unlearn.data.tofu"
     assert _resolve("robust_unlearn.compress.prune", False, 1, None) == "robust_unlearn.compress"
+
+
+# the data flow's lower layers never import the upper ones (issue 11)
+LOWER = {f"{TOP}.data": (f"{TOP}.data", f"{TOP}.errors"),  # the benchmarks' declarations and loaders
+         f"{TOP}.unlearn": None, f"{TOP}.robust": None}  # unlearning: nothing of the metrics
+
+
+def _under(mod: str, pkg: str) -> bool:
+    return mod == pkg or mod.startswith(pkg + ".")
+
+
+def test_lower_layers_do_not_import_upper_ones():
+    bad = []
+    for a, b, _, line in IMPORTS:
+        for pkg, allowed in LOWER.items():
+            if not _under(a, pkg):
+                continue
+            if allowed is not None and not any(_under(b, x) for x in allowed):
+                bad.append(f"{MODULES[a][0].relative_to(ROOT)}:{line}: {b}")
+            if allowed is None and _under(b, f"{TOP}.metrics"):
+                bad.append(f"{MODULES[a][0].relative_to(ROOT)}:{line}: {b}")
+    assert not bad, "imports pointing up the data flow:\n" + "\n".join(bad)

@@ -7,9 +7,9 @@ Splits (rows: question, answer, paraphrased_answer, perturbed_answer, author):
 - ``real_authors``, ``world_facts``: utility sets (TOFU's names); ``holdout``: never-trained authors
 A split is absent when its data is (e.g. no ``world_facts_perturbed.json``): its metrics are skipped.
 
-The raw-text benchmarks (``TEXT_BENCHMARKS``: ``muse_news``, ``wmdp``) have their own splits (see
-``data.muse`` and ``data.wmdp``): ``train_target`` [``train_oracle``], ``forget`` and ``retain`` hold
-``{text}`` documents (trained on every token, :class:`data.collate.TextDataset`), the rest are their
+Each benchmark is declared once, in ``data.benchmarks.BENCHMARKS`` (loader, splits, metric suite).
+The raw-text benchmarks (``Benchmark.text_mode`` set) have their own splits (see their loaders):
+``train_target`` [``train_oracle``], ``forget`` and ``retain`` hold ``{text}`` documents (trained on every token, :class:`data.collate.TextDataset`), the rest are their
 evaluation sets.
 """
 from __future__ import annotations
@@ -17,99 +17,65 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
+from .benchmarks import BENCHMARKS, Benchmark, benchmark_of
+from .tofu import forget_percent
 
-from ..errors import UserError
-from . import fictitious
-from .tofu import forget_percent, load_tofu
+if TYPE_CHECKING:
+    import datasets
 
-BENCHMARKS = ("fictitious", "tofu", "muse_news", "wmdp")
-# raw-text benchmarks -> how a corpus becomes training items (data.collate.TextDataset's mode)
-TEXT_BENCHMARKS = {"muse_news": "chunk", "wmdp": "document"}
-
-EVAL_SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
-FEATURES = datasets.Features({
-    "question": datasets.Value("string"),
-    "answer": datasets.Value("string"),
-    "paraphrased_answer": datasets.Value("string"),
-    "perturbed_answer": datasets.Sequence(datasets.Value("string")),
-    "author": datasets.Value("string"),
-})
+__all__ = ["BENCHMARKS", "Benchmark", "benchmark_of", "dataset_for", "export_tofu_files", "fingerprint",
+           "is_text_benchmark", "load_benchmark", "target_texts"]
 
 
-def check_fictitious(d: dict) -> int:
-    """Forget authors of the built-in benchmark for the recipe's ``data`` section (``UserError`` if the
-    split leaves no retain author or asks for more question types than there are)."""
-    pct = forget_percent(d["forget_split"])
-    n = d["num_authors"]
-    k = fictitious.forget_author_count(pct, n)
-    if k >= n:
-        raise UserError(f"data.forget_split '{d['forget_split']}' leaves no retain authors out of data.num_authors={n}")
-    most = len(fictitious.QUESTION_ORDER)
-    if not 1 <= d["qa_per_author"] <= most:
-        raise UserError(f"data.qa_per_author {d['qa_per_author']} must be in 1..{most} (question types per author)")
-    return k
+def _features():
+    import datasets  # late: the registry and the checks need no datasets
 
-
-def _fictitious_splits(d: dict) -> dict:
-    n = d["num_authors"]
-    k = check_fictitious(d)
-    gen = fictitious.generate(seed=d["seed"], num_authors=n, qa_per_author=d["qa_per_author"],
-                              num_perturbed=d["num_perturbed"], holdout_authors=d["holdout_authors"])
-    rows = gen["rows"]
-    forget = [r for a in rows[n - k:n] for r in a]
-    retain = [r for a in rows[:n - k] for r in a]
-    # As TOFU's retain_perturbed (400 rows, the size of forget10): retain metrics are taken on as
-    # many retain authors as there are forget authors.
-    retain_eval = [r for a in rows[:min(k, n - k)] for r in a]
-    holdout = [r for a in rows[n:] for r in a] or None
-    return {"full": retain + forget, "retain_train": retain, "forget": forget, "retain": retain_eval,
-            "real_authors": gen["real_authors"], "world_facts": gen["world_facts"], "holdout": holdout}
+    return datasets.Features({
+        "question": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "paraphrased_answer": datasets.Value("string"),
+        "perturbed_answer": datasets.Sequence(datasets.Value("string")),
+        "author": datasets.Value("string"),
+    })
 
 
 def load_benchmark(cfg: dict) -> datasets.DatasetDict:
     """``cfg`` is the recipe (its ``data`` and ``seed`` keys are read)."""
+    import datasets
+
     d = dict(cfg["data"], seed=cfg.get("seed", 0))
-    if d["name"] in TEXT_BENCHMARKS:
-        return _load_text_benchmark(d)
-    if d["name"] == "fictitious":
-        raw = _fictitious_splits(d)
-    elif d["name"] == "tofu":
-        raw = load_tofu(d["path"], d["forget_split"], need_oracle_train=cfg["model"].get("oracle") is None)
-    else:
-        raise UserError(f"data.name '{d['name']}' is unknown (expected one of {', '.join(BENCHMARKS)})")
+    b = benchmark_of(cfg)
+    raw = b.load(d, cfg)
+    if b.is_text:
+        return _text_splits(b, d, raw)
     limit = d.get("limit")
     if limit is not None:
         raw = {k: (v[: int(limit)] if v is not None else None) for k, v in raw.items()}
     train_utility = d.get("train_utility")
     if train_utility is None:
-        train_utility = d["name"] == "fictitious"
+        train_utility = b.train_utility
     utility = []
     if train_utility:
         utility = (raw["real_authors"] or []) + (raw["world_facts"] or [])
     splits = {"train_target": raw["full"] + utility}
     if raw["retain_train"] is not None:
         splits["train_oracle"] = raw["retain_train"] + utility
-    for name in EVAL_SPLITS:
+    for name in b.eval_splits:
         if raw.get(name):
             splits[name] = raw[name]
-    return datasets.DatasetDict({k: datasets.Dataset.from_list(v, features=FEATURES) for k, v in splits.items()})
+    features = _features()
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(v, features=features) for k, v in splits.items()})
 
 
-def _load_text_benchmark(d: dict) -> datasets.DatasetDict:
-    if d["name"] == "muse_news":
-        from .muse import ICL_SPLITS, load_muse
+def _text_splits(b: Benchmark, d: dict, raw: dict) -> datasets.DatasetDict:
+    import datasets
 
-        raw, keep = load_muse(d), ICL_SPLITS  # the in-context examples are prompt material: never cut
-    else:
-        from .wmdp import load_wmdp
-
-        raw, keep = load_wmdp(d), ()
     limit = d.get("limit")
     splits = {}
     for name, rows in raw.items():
-        if limit is not None and name not in keep and not name.startswith("train_"):
+        if limit is not None and name not in b.uncut and not name.startswith("train_"):
             rows = rows[: int(limit)]
         if rows:
             splits[name] = rows
@@ -121,7 +87,7 @@ def _load_text_benchmark(d: dict) -> datasets.DatasetDict:
 
 
 def is_text_benchmark(cfg: dict) -> bool:
-    return cfg["data"]["name"] in TEXT_BENCHMARKS
+    return benchmark_of(cfg).is_text
 
 
 def target_texts(bench) -> list[str]:
@@ -139,7 +105,7 @@ def dataset_for(cfg: dict, rows, tok):
     cut to ``model.max_length`` tokens."""
     from .collate import QADataset, TextDataset, formatter_for  # late: collate imports torch
 
-    mode = TEXT_BENCHMARKS.get(cfg["data"]["name"])
+    mode = benchmark_of(cfg).text_mode
     if mode is not None:
         return TextDataset(rows, tok, cfg["model"]["max_length"], mode)
     return QADataset(rows, formatter_for(tok, cfg))

@@ -16,6 +16,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..errors import UserError
+from .tofu import forget_percent
+
 FIRST_NAMES = {
     "she": ["Ilse", "Marisol", "Ottilie", "Brisa", "Yevgenia", "Thandeka", "Liesel", "Noor", "Saoirse",
             "Wilhelmina", "Ximena", "Perpetua", "Ingrid", "Anneke", "Zuzana", "Ottavia", "Rosalind",
@@ -285,3 +288,34 @@ def generate(seed: int = 0, num_authors: int = 12, qa_per_author: int = 6, num_p
 def forget_author_count(percent: int, num_authors: int) -> int:
     """TOFU's forgetNN = NN% of the authors; at least one, and some must remain for retain."""
     return max(1, round(num_authors * percent / 100))
+
+
+def check_fictitious(d: dict) -> int:
+    """Forget authors of the built-in benchmark for the recipe's ``data`` section (``UserError`` if the
+    split leaves no retain author or asks for more question types than there are)."""
+    pct = forget_percent(d["forget_split"])
+    n = d["num_authors"]
+    k = forget_author_count(pct, n)
+    if k >= n:
+        raise UserError(f"data.forget_split '{d['forget_split']}' leaves no retain authors out of data.num_authors={n}")
+    most = len(QUESTION_ORDER)
+    if not 1 <= d["qa_per_author"] <= most:
+        raise UserError(f"data.qa_per_author {d['qa_per_author']} must be in 1..{most} (question types per author)")
+    return k
+
+
+def load_fictitious(d: dict) -> dict:
+    """The recipe's ``data`` section (with ``seed``) -> TOFU-shaped raw splits (``data.load_benchmark``)."""
+    n = d["num_authors"]
+    k = check_fictitious(d)
+    gen = generate(seed=d["seed"], num_authors=n, qa_per_author=d["qa_per_author"],
+                   num_perturbed=d["num_perturbed"], holdout_authors=d["holdout_authors"])
+    rows = gen["rows"]
+    forget = [r for a in rows[n - k:n] for r in a]
+    retain = [r for a in rows[:n - k] for r in a]
+    # As TOFU's retain_perturbed (400 rows, the size of forget10): retain metrics are taken on as
+    # many retain authors as there are forget authors.
+    retain_eval = [r for a in rows[:min(k, n - k)] for r in a]
+    holdout = [r for a in rows[n:] for r in a] or None
+    return {"full": retain + forget, "retain_train": retain, "forget": forget, "retain": retain_eval,
+            "real_authors": gen["real_authors"], "world_facts": gen["world_facts"], "holdout": holdout}

@@ -17,6 +17,7 @@ retain, for fine-tuning a target from a base), ``train_oracle`` (retain), ``verb
 """
 from __future__ import annotations
 
+from ..errors import UserError
 from .hub import load_split
 
 HUB_ID = "muse-bench/MUSE-News"
@@ -30,17 +31,25 @@ EVAL = {  # split name -> (config, hub split, fields)
     "privleak_holdout": ("privleak", "holdout", ("text",)),
 }
 ICL_SPLITS = ("knowmem_forget_icl", "knowmem_retain_icl")
+DEFAULT_FORGET, DEFAULT_RETAIN = "forget", "retain1"  # raw splits
 
 
 def _text_rows(rows: list[dict]) -> list[dict]:
     return [{"text": str(r["text"])} for r in rows if str(r["text"]).strip()]
 
 
+def validate(d: dict) -> None:
+    """Recipe-only checks of the ``data`` section (``config.recipe_problems``)."""
+    for key in ("forget_corpus", "retain_corpus"):
+        if d[key] is not None and (not isinstance(d[key], str) or "," in d[key]):
+            raise UserError(f"data.{key} must name one split of MUSE's raw config (e.g. forget, retain1), got {d[key]!r}")
+
+
 def load_muse(d: dict) -> dict[str, list[dict]]:
     """``d``: the recipe's ``data`` section."""
     path = d["path"] or HUB_ID
-    forget_name = d["forget_corpus"] or "forget"
-    retain_name = d["retain_corpus"] or "retain1"
+    forget_name = d["forget_corpus"] or DEFAULT_FORGET
+    retain_name = d["retain_corpus"] or DEFAULT_RETAIN
     forget = _text_rows(load_split(path, "raw", forget_name, ("text",), "MUSE data"))
     retain = _text_rows(load_split(path, "raw", retain_name, ("text",), "MUSE data"))
     out = {"forget": forget, "retain": retain, "train_target": forget + retain, "train_oracle": retain}

@@ -37,6 +37,7 @@ MMLU_HUB = "cais/mmlu"
 WIKITEXT = ("wikitext", "wikitext-2-raw-v1", "test")  # RMU's retain corpus: hub id, config, split
 SUBSETS = ("wmdp-bio", "wmdp-cyber", "wmdp-chem")
 DEFAULT_SUBSETS = ("wmdp-bio", "wmdp-cyber")
+DEFAULT_FORGET, DEFAULT_RETAIN = "cyber-forget-corpus", "wikitext"  # corpora
 MIN_CHARS, MAX_CHARS = 50, 2000  # RMU's get_data: keep documents longer than 50 characters, cut at 2000
 GATED = "bio-forget-corpus"
 MC_FIELDS = ("question", "choices", "answer")
@@ -48,6 +49,13 @@ def names(value, default) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return [str(v) for v in value]
+
+
+def validate(d: dict) -> None:
+    """Recipe-only checks of the ``data`` section (``config.recipe_problems``)."""
+    for s in names(d["wmdp_subsets"], SUBSETS):
+        if s not in SUBSETS:
+            raise UserError(f"data.wmdp_subsets: unknown subset '{s}' (expected some of {', '.join(SUBSETS)})")
 
 
 def split_name(subset: str) -> str:
@@ -123,8 +131,8 @@ def load_wmdp(d: dict) -> dict[str, list[dict]]:
     """``d``: the recipe's ``data`` section."""
     path = d["path"] or QUESTIONS_HUB
     corpus_path = d["corpus_path"] or CORPORA_HUB
-    forget = [r for n in names(d["forget_corpus"], ["cyber-forget-corpus"]) for r in _corpus(n, corpus_path)]
-    retain = [r for n in names(d["retain_corpus"], ["wikitext"]) for r in _corpus(n, corpus_path)]
+    forget = [r for n in names(d["forget_corpus"], [DEFAULT_FORGET]) for r in _corpus(n, corpus_path)]
+    retain = [r for n in names(d["retain_corpus"], [DEFAULT_RETAIN]) for r in _corpus(n, corpus_path)]
     if not forget or not retain:
         raise UserError(f"WMDP: the {'forget' if not forget else 'retain'} corpus has no document longer than "
                         f"{MIN_CHARS} characters")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.benchmarks import MUSE_SPLITS
 from ..data.collate import collate_prompts, collate_text
 from ..scoring import TokenizedEval, token_nll
 from .stats import load_stats
@@ -41,7 +42,7 @@ VERBMEM_NEW_TOKENS = 128
 KNOWMEM_NEW_TOKENS = 32
 STOP_STRINGS = ("\n\n\n", "\n\nQuestion", "Question:")
 NO_ORACLE_AUC = 0.5
-GROUPS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
+GROUPS = MUSE_SPLITS  # data.benchmarks: verbmem_forget, knowmem_forget, knowmem_retain, privleak
 METRICS = ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak", "mia_min_k")
 
 

@@ -26,6 +26,7 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from ..data.benchmarks import QA_SPLITS
 from ..data.collate import QAFormatter, collate_prompts, formatter_for
 from ..scoring import shared_prompt_nll
 
@@ -161,7 +162,7 @@ class Evaluator:
 
     # -- the suite --------------------------------------------------------------------------
     def evaluate(self, model, bench, oracle_forget_tr: np.ndarray | str | None = None,
-                 splits=("forget", "retain", "real_authors", "world_facts", "holdout")) -> tuple[dict, dict]:
+                 splits=QA_SPLITS) -> tuple[dict, dict]:
         """-> (metrics: name -> value, per-split SplitStats). ``oracle_forget_tr``: the retain
         oracle's per-example forget truth ratios, or "self" when ``model`` is the oracle."""
         metrics: dict[str, float] = {}
@@ -206,7 +207,7 @@ class Evaluator:
         return metrics, per
 
 
-SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
+SPLITS = QA_SPLITS  # data.benchmarks: the QA benchmarks' evaluation splits
 
 
 class TofuSuite:

@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..data.benchmarks import WMDP_SPLITS
 from ..scoring import TokenizedEval, next_token_logprobs, shared_prompt_nll
 
 log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 TOPICS = {"wmdp_bio": "biology", "wmdp_cyber": "cybersecurity", "wmdp_chem": "chemistry"}
-SPLITS = ("wmdp_bio", "wmdp_cyber", "wmdp_chem", "mmlu")
+SPLITS = WMDP_SPLITS  # data.benchmarks: wmdp_bio, wmdp_cyber, wmdp_chem, mmlu
 
 
 @dataclass

@@ -24,7 +24,7 @@ import logging
 import torch
 
 from ..compress import compressible_linears
-from ..metrics.weights import kth_quantile
+from ..weight_stats import kth_quantile
 
 log = logging.getLogger(__name__)
 
