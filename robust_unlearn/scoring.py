@@ -113,35 +113,37 @@ def shared_prompt_nll(model, prompts: list[list[int]], answers: list[list[list[i
 @torch.no_grad()
 def qa_mean_nll(model, fmt, pairs: list[tuple[str, str]], batch_size: int, desc: str = "score") -> np.ndarray:
     """Mean answer-token NLL of each (question, answer) in ``fmt``'s prompt format (a
-    ``data.collate.QAFormatter``). Pairs with the same question share one pass over the prompt
-    (:func:`shared_prompt_nll`); batches hold about ``batch_size`` answers of questions of similar
-    length. The same computation as ``metrics.tofu.Evaluator.mean_nll``: unlearning's early-stop
-    probe uses it without importing the metrics."""
-    from tqdm.auto import tqdm
+    ``data.collate.QAFormatter``): :func:`qa_pass` without generation. Unlearning's early-stop probe
+    and the TOFU evaluator both use it."""
+    return qa_pass(model, fmt, pairs, [], batch_size)[0]
 
-    groups: dict[str, list[int]] = {}
+
+def qa_pass(model, fmt, pairs: list[tuple[str, str]], questions: list[str], batch_size: int,
+            max_new_tokens: int = 0) -> tuple[np.ndarray, dict[str, str]]:
+    """Everything the QA metrics need from a model in one pass per prompt (:func:`score_and_generate`):
+    the mean answer-token NLL of each (question, answer) of ``pairs`` and the greedy answer to each of
+    ``questions`` (decoded, special tokens skipped), every prompt run once whatever it serves.
+    Answers are cut to fit ``fmt.max_length`` after their prompt. -> (NLLs aligned with ``pairs``,
+    question -> generated text)."""
+    order: dict[str, list[int]] = {}
     for i, (q, _) in enumerate(pairs):
-        groups.setdefault(q, []).append(i)
-    questions = sorted(groups, key=lambda q: len(fmt.prompt_ids(q)))
-    out = np.zeros(len(pairs), dtype=np.float64)
-    batches, cur, size = [], [], 0
+        order.setdefault(q, []).append(i)
     for q in questions:
-        if cur and size + len(groups[q]) > batch_size:
-            batches.append(cur)
-            cur, size = [], 0
-        cur.append(q)
-        size += len(groups[q])
-    if cur:
-        batches.append(cur)
-    for qs in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
-        prompts = [fmt.prompt_ids(q) for q in qs]
-        room = [max(1, fmt.max_length - len(p)) for p in prompts]
-        answers = [[fmt.answer_ids(pairs[i][1])[:r] for i in groups[q]] for q, r in zip(qs, room)]
-        res = shared_prompt_nll(model, prompts, answers, fmt.pad_id)
-        for q, group in zip(qs, res):
-            for i, (total, count) in zip(groups[q], group):
-                out[i] = total / max(count, 1)
-    return out
+        order.setdefault(q, [])
+    qs = list(order)
+    wanted = set(questions)
+    prompts = [fmt.prompt_ids(q) for q in qs]
+    answers = [[fmt.answer_ids(pairs[i][1])[: max(1, fmt.max_length - len(p))] for i in order[q]]
+               for q, p in zip(qs, prompts)]
+    res, gens = score_and_generate(model, prompts, answers, [q in wanted for q in qs], fmt.pad_id,
+                                   fmt.stop_token_ids, max_new_tokens, batch_size=batch_size,
+                                   prompt_batch=max(batch_size, 1))
+    out = np.zeros(len(pairs), dtype=np.float64)
+    for q, group in zip(qs, res):
+        for i, (total, count) in zip(order[q], group):
+            out[i] = total / max(count, 1)
+    text = {q: fmt.tok.decode(g, skip_special_tokens=True).strip() for q, g in zip(qs, gens) if g is not None}
+    return out, text
 
 
 @torch.no_grad()
@@ -170,3 +172,112 @@ class TokenizedEval:
         self.pad_id = tokenizer.pad_token_id
         self.max_length = max_length
         self.batch_size = batch_size
+
+
+def select_cache(cache, idx: torch.Tensor):
+    """A new cache holding rows ``idx`` of ``cache`` (which stays as it is): each layer object is
+    copied shallowly with its key/value tensors index-selected, so any layer type keeps its settings."""
+    import copy
+
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            new.keys = layer.keys.index_select(0, idx)
+            new.values = layer.values.index_select(0, idx)
+        out.layers.append(new)
+    return out
+
+
+@torch.no_grad()
+def greedy_from_cache(model, cache, mask: torch.Tensor, first_logits: torch.Tensor, stop_ids: list[int],
+                      max_new_tokens: int) -> list[list[int]]:
+    """Greedy decoding of a batch whose prompts are already in ``cache`` (left-padded, attention
+    ``mask``; ``first_logits`` predict each first new token). Rows that produced a stop token leave
+    the batch. -> per row, the new tokens before the first stop token (at most ``max_new_tokens``)."""
+    device = mask.device
+    n = mask.shape[0]
+    out: list[list[int]] = [[] for _ in range(n)]
+    stops = torch.tensor(sorted(set(stop_ids)), device=device)
+    live = torch.arange(n, device=device)  # original row of each batch row
+    tok = first_logits.argmax(-1)
+    pos = mask.sum(1)  # position of the next token of each row
+    for step in range(max_new_tokens):
+        ended = torch.isin(tok, stops)
+        for r, t, e in zip(live.tolist(), tok.tolist(), ended.tolist()):
+            if not e:
+                out[r].append(t)
+        keep = (~ended).nonzero().flatten()
+        if keep.numel() == 0 or step == max_new_tokens - 1:
+            break
+        if keep.numel() < live.numel():  # drop the finished rows
+            live, tok, pos, mask = live[keep], tok[keep], pos[keep], mask[keep]
+            cache = select_cache(cache, keep)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        pos = pos + 1
+        tok = logits.argmax(-1)
+    return out
+
+
+@torch.no_grad()
+def score_and_generate(model, prompts: list[list[int]], answers: list[list[list[int]]], generate: list[bool],
+                       pad_id: int, stop_ids: list[int], max_new_tokens: int, batch_size: int = 32,
+                       prompt_batch: int = 64) -> tuple[list[list[tuple[float, int]]], list[list[int] | None]]:
+    """One pass over each prompt serves every use of it: the NLLs of all its answers (as
+    :func:`shared_prompt_nll`) and, where ``generate[i]``, its greedy answer (as
+    :func:`greedy_from_cache`), both continuing from the same key/value cache of the prompt.
+
+    Prompts are taken in order of length, ``prompt_batch`` at a time; their answers in batches of at
+    most ``batch_size``, sorted by length. -> (per prompt, per answer: (sum of token NLLs, number of
+    tokens); per prompt: the generated token ids, or None)."""
+    from transformers import DynamicCache
+
+    from .data.collate import collate_prompts
+
+    device = next(model.parameters()).device
+    nll: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    gens: list[list[int] | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), prompt_batch):
+        idx = order[s: s + prompt_batch]
+        left = collate_prompts([prompts[i] for i in idx], pad_id)
+        ids, mask = left["input_ids"].to(device), left["attention_mask"].to(device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
+                    use_cache=True, logits_to_keep=1)
+        cache, first = out.past_key_values, out.logits[:, -1].float()
+        rows = [j for j, i in enumerate(idx) if generate[i]]
+        if rows:
+            sel = torch.tensor(rows, device=device)
+            new = greedy_from_cache(model, select_cache(cache, sel), mask[sel], first[sel], stop_ids, max_new_tokens)
+            for j, g in zip(rows, new):
+                gens[idx[j]] = g
+        flat = [(j, k) for j, i in enumerate(idx) for k in range(len(answers[i]))]
+        flat.sort(key=lambda jk: len(answers[idx[jk[0]]][jk[1]]))
+        got: dict[tuple[int, int], tuple[float, int]] = {}
+        for b in range(0, len(flat), batch_size):
+            part = flat[b: b + batch_size]
+            owner = torch.tensor([j for j, _ in part], device=device)
+            seqs = [answers[idx[j]][k] for j, k in part]
+            width = max(len(a) for a in seqs)
+            a_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+            a_mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
+            for r, a in enumerate(seqs):
+                a_ids[r, : len(a)] = torch.tensor(a)
+                a_mask[r, : len(a)] = 1
+            p_mask = mask[owner]
+            a_pos = p_mask.sum(1, keepdim=True) + torch.arange(width, device=device)
+            logits = model(input_ids=a_ids, attention_mask=torch.cat([p_mask, a_mask], 1), position_ids=a_pos,
+                           past_key_values=select_cache(cache, owner), use_cache=True).logits.float()
+            logits = torch.cat([first[owner].unsqueeze(1), logits[:, :-1]], 1)
+            target = a_ids.masked_fill(a_mask == 0, IGNORE)
+            tok_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                                      reduction="none").view(target.shape)
+            for (j, k), total, count in zip(part, (tok_nll * a_mask).sum(1).tolist(), a_mask.sum(1).tolist()):
+                got[(j, k)] = (total, count)
+        for j, i in enumerate(idx):
+            nll[i] = [got[(j, k)] for k in range(len(answers[i]))]
+    return nll, gens

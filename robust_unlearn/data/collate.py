@@ -54,6 +54,13 @@ class QAFormatter:
         return sorted(ids)
 
     def prompt_ids(self, question: str) -> list[int]:
+        """The prompt's token ids (memoised: every evaluation asks for the same questions again)."""
+        memo = self.__dict__.setdefault("_prompt_memo", {})
+        if question not in memo:
+            memo[question] = self._prompt_ids(question)
+        return list(memo[question])
+
+    def _prompt_ids(self, question: str) -> list[int]:
         if self.prompt == "chat":
             text = self.tok.apply_chat_template(self._messages(question), tokenize=False, add_generation_prompt=True)
             return self.tok(text, add_special_tokens=False)["input_ids"]

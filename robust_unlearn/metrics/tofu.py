@@ -22,13 +22,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from scipy import stats
-from tqdm.auto import tqdm
 
 from ..data.benchmarks import QA_SPLITS
-from ..data.collate import QAFormatter, collate_prompts, formatter_for
-from ..scoring import shared_prompt_nll
+from ..data.collate import QAFormatter, formatter_for
+from ..scoring import qa_mean_nll, qa_pass
 
 log = logging.getLogger(__name__)
 
@@ -67,54 +65,15 @@ class Evaluator:
         self._scorer = None
 
     # -- batched model passes -------------------------------------------------------------
-    @torch.no_grad()
     def mean_nll(self, model, pairs: list[tuple[str, str]], desc: str = "score") -> np.ndarray:
-        """Mean token NLL of each (question, answer). Pairs with the same question share one pass
-        over the prompt (``scoring.shared_prompt_nll``); batches hold about ``batch_size`` answers
-        of questions of similar length."""
-        groups: dict[str, list[int]] = {}
-        for i, (q, _) in enumerate(pairs):
-            groups.setdefault(q, []).append(i)
-        questions = sorted(groups, key=lambda q: len(self.fmt.prompt_ids(q)))
-        out = np.zeros(len(pairs), dtype=np.float64)
-        batches, cur, size = [], [], 0
-        for q in questions:
-            if cur and size + len(groups[q]) > self.batch_size:
-                batches.append(cur)
-                cur, size = [], 0
-            cur.append(q)
-            size += len(groups[q])
-        if cur:
-            batches.append(cur)
-        for qs in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
-            prompts = [self.fmt.prompt_ids(q) for q in qs]
-            room = [max(1, self.fmt.max_length - len(p)) for p in prompts]
-            answers = [[self.fmt.answer_ids(pairs[i][1])[:r] for i in groups[q]] for q, r in zip(qs, room)]
-            res = shared_prompt_nll(model, prompts, answers, self.fmt.pad_id)
-            for q, group in zip(qs, res):
-                for i, (total, count) in zip(groups[q], group):
-                    out[i] = total / max(count, 1)
-        return out
+        """Mean token NLL of each (question, answer) (``scoring.qa_mean_nll``: each question's prompt is
+        run once for all its answers)."""
+        return qa_mean_nll(model, self.fmt, pairs, self.batch_size, desc)
 
-    @torch.no_grad()
-    def generate(self, model, questions: list[str], desc: str = "generate", batch_size: int | None = None) -> list[str]:
-        """Greedy answers (up to ``max_new_tokens``, stopping at end-of-turn / EOS)."""
-        batch_size = batch_size or self.batch_size
-        prompts = [self.fmt.prompt_ids(q) for q in questions]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = [""] * len(prompts)
-        device = next(model.parameters()).device
-        starts = range(0, len(order), batch_size)
-        for s in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
-            idx = order[s: s + batch_size]
-            batch = {k: v.to(device) for k, v in collate_prompts([prompts[i] for i in idx], self.fmt.pad_id).items()}
-            gen = model.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                 eos_token_id=self.fmt.stop_token_ids, pad_token_id=self.fmt.pad_id,
-                                 temperature=None, top_p=None, top_k=None)
-            new = gen[:, batch["input_ids"].shape[1]:]
-            for j, i in enumerate(idx):
-                out[i] = self.fmt.tok.decode(new[j], skip_special_tokens=True).strip()
-        return out
+    def generate(self, model, questions: list[str], desc: str = "generate") -> list[str]:
+        """Greedy answers (up to ``max_new_tokens``, stopping at end-of-turn / EOS) with a key/value cache."""
+        text = qa_pass(model, self.fmt, [], questions, self.batch_size, self.max_new_tokens)[1]
+        return [text[q] for q in questions]
 
     def rouge_recall(self, references: list[str], generations: list[str]) -> np.ndarray:
         if self._scorer is None:
@@ -124,65 +83,81 @@ class Evaluator:
         return np.array([self._scorer.score(ref, gen)["rougeL"].recall for ref, gen in zip(references, generations)])
 
     # -- one split --------------------------------------------------------------------------
-    def split_stats(self, model, rows, split: str, with_rouge: bool | None = None,
-                    generations: list[str] | None = None) -> SplitStats:
-        rows = list(rows)
+    @staticmethod
+    def _layout(rows: list, split: str) -> tuple[list[tuple[str, str]], dict]:
+        """Every answer variant of a split to score, and where each kind starts in that list."""
         qs = [r["question"] for r in rows]
         # holdout (never-trained authors) only needs the answer probability
-        has_pert = split != "holdout" and all(r["perturbed_answer"] for r in rows)
-        has_para = all(r["paraphrased_answer"] for r in rows)
-        # One scoring pass over every answer variant of the split.
+        has_pert = split != "holdout" and bool(rows) and all(r["perturbed_answer"] for r in rows)
+        has_para = bool(rows) and all(r["paraphrased_answer"] for r in rows)
         pairs = [(q, r["answer"]) for q, r in zip(qs, rows)]
-        para_at = pert_at = None
+        at = {"n": len(rows), "para": None, "pert": None, "n_pert": 0}
         if has_pert and has_para:
-            para_at = len(pairs)
+            at["para"] = len(pairs)
             pairs += [(q, r["paraphrased_answer"]) for q, r in zip(qs, rows)]
         if has_pert:
-            pert_at = len(pairs)
-            n_pert = min(len(r["perturbed_answer"]) for r in rows)
-            pairs += [(q, p) for q, r in zip(qs, rows) for p in r["perturbed_answer"][:n_pert]]
-        t0 = time.time()
-        nll = self.mean_nll(model, pairs, desc=f"score {split}")
-        log.info("%s: scored %d answers in %.1fs", split, len(pairs), time.time() - t0)
-        n = len(rows)
+            at["pert"] = len(pairs)
+            at["n_pert"] = min(len(r["perturbed_answer"]) for r in rows)
+            pairs += [(q, p) for q, r in zip(qs, rows) for p in r["perturbed_answer"][: at["n_pert"]]]
+        return pairs, at
+
+    def _stats(self, rows: list, split: str, nll: np.ndarray, at: dict, generations: list[str] | None) -> SplitStats:
+        n = at["n"]
         ans_nll = nll[:n]
         st = SplitStats(prob=np.exp(-ans_nll))
-        if has_pert:
-            pert_nll = nll[pert_at: pert_at + n * n_pert].reshape(n, n_pert)
-            correct_nll = nll[para_at: para_at + n] if para_at is not None else ans_nll
+        if at["pert"] is not None:
+            pert_nll = nll[at["pert"]: at["pert"] + n * at["n_pert"]].reshape(n, at["n_pert"])
+            correct_nll = nll[at["para"]: at["para"] + n] if at["para"] is not None else ans_nll
             wrong_prob = np.exp(-pert_nll.mean(axis=1))  # geometric mean of the wrong answers' p
             st.truth_ratio = wrong_prob / np.exp(-correct_nll)
             st.normalised = st.prob / (st.prob + np.exp(-pert_nll).sum(axis=1))
         elif split != "holdout":
             log.warning("%s: no perturbed answers in the data, truth ratio skipped", split)
-        if with_rouge if with_rouge is not None else (self.rouge and split != "holdout"):
-            st.generations = generations if generations is not None else self.generate(model, qs, f"generate {split}")
-            st.rouge = self.rouge_recall([r["answer"] for r in rows], st.generations)
+        if generations is not None:
+            st.generations = generations
+            st.rouge = self.rouge_recall([r["answer"] for r in rows], generations)
         return st
+
+    def _wants_rouge(self, split: str, with_rouge: bool | None = None) -> bool:
+        return with_rouge if with_rouge is not None else (self.rouge and split != "holdout")
+
+    def split_stats(self, model, rows, split: str, with_rouge: bool | None = None,
+                    generations: list[str] | None = None) -> SplitStats:
+        """One split's per-example numbers (its prompts run once for scoring and generation)."""
+        rows = list(rows)
+        pairs, at = self._layout(rows, split)
+        gen_qs = [r["question"] for r in rows] if self._wants_rouge(split, with_rouge) and generations is None else []
+        nll, text = qa_pass(model, self.fmt, pairs, gen_qs, self.batch_size, self.max_new_tokens)
+        if gen_qs:
+            generations = [text[q] for q in gen_qs]
+        return self._stats(rows, split, nll, at, generations if self._wants_rouge(split, with_rouge) else None)
 
     # -- the suite --------------------------------------------------------------------------
     def evaluate(self, model, bench, oracle_forget_tr: np.ndarray | str | None = None,
                  splits=QA_SPLITS) -> tuple[dict, dict]:
         """-> (metrics: name -> value, per-split SplitStats). ``oracle_forget_tr``: the retain
-        oracle's per-example forget truth ratios, or "self" when ``model`` is the oracle."""
+        oracle's per-example forget truth ratios, or "self" when ``model`` is the oracle.
+
+        Every split's answers and greedy generations come from one ``scoring.qa_pass``: each prompt
+        runs once, for its answer variants and its generation alike, in batches across splits."""
         metrics: dict[str, float] = {}
         per: dict[str, SplitStats] = {}
-        # every split's greedy answers in one batched generation (fewer, fuller decoding steps)
-        gen_splits = [s for s in splits if s in bench and self.rouge and s != "holdout"]
-        questions = [r["question"] for s in gen_splits for r in bench[s]]
+        present = [s for s in splits if s in bench]
+        rows = {s: list(bench[s]) for s in present}
+        layouts, pairs, gen_qs = {}, [], []
+        for s in present:
+            p, at = self._layout(rows[s], s)
+            layouts[s] = (len(pairs), at)
+            pairs += p
+            if self._wants_rouge(s):
+                gen_qs += [r["question"] for r in rows[s]]
         t0 = time.time()
-        generated = self.generate(model, questions, batch_size=2 * self.batch_size) if questions else []
-        log.info("generated %d answers in %.1fs", len(questions), time.time() - t0)
-        gens, at = {}, 0
-        for s in gen_splits:
-            gens[s] = generated[at: at + len(bench[s])]
-            at += len(bench[s])
-        for split in splits:
-            if split not in bench:
-                continue
-            t0 = time.time()
-            st = per[split] = self.split_stats(model, bench[split], split, generations=gens.get(split))
-            log.info("%s: %d rows evaluated in %.1fs", split, len(bench[split]), time.time() - t0)
+        nll, text = qa_pass(model, self.fmt, pairs, gen_qs, self.batch_size, self.max_new_tokens)
+        log.info("scored %d answers and generated %d in %.1fs", len(pairs), len(gen_qs), time.time() - t0)
+        for split in present:
+            start, at = layouts[split]
+            gens = [text[r["question"]] for r in rows[split]] if self._wants_rouge(split) else None
+            st = per[split] = self._stats(rows[split], split, nll[start:], at, gens)
             pre = PREFIX[split]
             metrics[f"{pre}_Q_A_Prob"] = float(st.prob.mean())
             if st.rouge is not None:
