@@ -127,7 +127,7 @@ def _problem(line: bytes) -> str | None:
         row = json.loads(line)
     except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
         return ("torn row (no newline at the end: an interrupted write)" if torn
-                else "not a JSON object (expected one ledger row a line)")
+                else "not valid JSON (expected one ledger row a line)")
     if not isinstance(row, dict):
         return f"not a JSON object but {type(row).__name__} (expected one ledger row a line)"
     missing = [k for k in REQUIRED if k not in row]
