@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _check_out_dir(path, what: str = "--out", subdirs: tuple[str, ...] = ()) -> None:
+def _check_out_dir(path, what: str = "--out", subdirs: tuple[str, ...] = (),
+                   expected: str = "a new or existing run directory") -> None:
     """An output directory (and the ``subdirs`` it will hold) can be created or is one, before any work."""
     from pathlib import Path
 
@@ -30,9 +31,9 @@ def _check_out_dir(path, what: str = "--out", subdirs: tuple[str, ...] = ()) -> 
     for q in [Path(path)] + [Path(path) / d for d in subdirs]:
         if q.exists() and not q.is_dir():
             raise UserError(f"{what} '{path}'{f': {q}' if q != Path(path) else ''} is a file, not a directory "
-                            "(expected a new or existing run directory)")
+                            f"(expected {expected})")
         if q.is_symlink() and not q.exists():
-            raise UserError(f"{what} '{path}': '{q}' is a broken link (expected a new or existing run directory)")
+            raise UserError(f"{what} '{path}': '{q}' is a broken link (expected {expected})")
     parent = Path(path)
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -145,6 +146,13 @@ def cmd_evaluate(args) -> int:
         cfg_over.append(f"data.forget_split={args.forget_split}")
     out = args.out if args.out is not None else os.path.join("runs", "evaluate")
     _check_out_dir(out)
+    if args.label is not None and not args.label.strip():
+        raise UserError("--label is empty (expected the model's name in the ledger)")
+    from .models import check_model_dir, is_local
+
+    for path in [args.model_dir] + ([args.oracle] if args.oracle else []):  # before the benchmark is loaded
+        if is_local(path):
+            check_model_dir(path)
     cfg = load_recipe(args.recipe, cfg_over)
     metrics = evaluate(cfg, args.model_dir, out, label=args.label, oracle=args.oracle)
     for k, v in metrics.items():
@@ -262,7 +270,7 @@ def _check_json_out(path: str) -> None:
         raise UserError("--json is empty (expected a file path)")
     if os.path.isdir(path):
         raise UserError(f"--json '{path}' is a directory (expected a file path, e.g. audit.json)")
-    _check_out_dir(os.path.dirname(path) or ".", f"--json '{path}': folder")
+    _check_out_dir(os.path.dirname(path) or ".", f"--json '{path}': folder", expected="a folder for the file")
 
 
 def cmd_audit(args) -> int:
