@@ -150,10 +150,10 @@ def cmd_evaluate(args) -> int:
         raise UserError("--label is empty (expected the model's name in the ledger)")
     from .models import check_model_dir, is_local
 
+    cfg = load_recipe(args.recipe, cfg_over)
     for path in [args.model_dir] + ([args.oracle] if args.oracle else []):  # before the benchmark is loaded
         if is_local(path):
             check_model_dir(path)
-    cfg = load_recipe(args.recipe, cfg_over)
     metrics = evaluate(cfg, args.model_dir, out, label=args.label, oracle=args.oracle)
     for k, v in metrics.items():
         print(f"{k}\t{v:.4f}")
