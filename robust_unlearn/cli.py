@@ -14,6 +14,43 @@ from .errors import UserError
 EPILOG = "Recipe values can be overridden as dotted key=value pairs, e.g. data.name=tofu data.path=DIR finetune.lr=1e-5"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (the rule for every bad input), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _check_out_dir(path, what: str = "--out", subdirs: tuple[str, ...] = (),
+                   expected: str = "a new or existing run directory") -> None:
+    """An output directory (and the ``subdirs`` it will hold) can be created or is one, before any work."""
+    from pathlib import Path
+
+    if path is None or not str(path).strip():
+        raise UserError(f"{what} is empty (expected a directory path)")
+    for q in [Path(path)] + [Path(path) / d for d in subdirs]:
+        if q.exists() and not q.is_dir():
+            raise UserError(f"{what} '{path}'{f': {q}' if q != Path(path) else ''} is a file, not a directory "
+                            f"(expected {expected})")
+        if q.is_symlink() and not q.exists():
+            raise UserError(f"{what} '{path}': '{q}' is a broken link (expected {expected})")
+    parent = Path(path)
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{what} '{path}': '{parent}' is a file, not a directory (expected a directory path)")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} '{path}': '{parent}' is not writable (expected a directory you can write to)")
+
+
+def _names(value: str, flag: str, example: str) -> list[str]:
+    """A comma-separated option: the names, stripped; empty items dropped; none at all is an error."""
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    if not names:
+        raise UserError(f"{flag} is empty (expected comma-separated names such as {example})")
+    return names
+
+
 class _OneLine(logging.Formatter):
     def format(self, record):
         return f"robust-unlearn: {record.levelname.lower()}: {record.getMessage()}"
@@ -60,6 +97,7 @@ def cmd_run(args) -> int:
     _one_process("run")
     recipe, overrides = _split_recipe_and_overrides(args.items)
     cfg = load_recipe(recipe, overrides)
+    _check_out_dir(args.out if args.out is not None else os.path.join("runs", cfg["name"]), subdirs=("checkpoints",))
     run_dir = run(cfg, args.out, command="robust-unlearn " + shlex.join(sys.argv[1:]))
     print((run_dir / "report.md").read_text())
     print(f"results: {run_dir / 'results.jsonl'}\nreport:  {run_dir / 'report.md'}")
@@ -108,8 +146,16 @@ def cmd_evaluate(args) -> int:
         cfg_over.append(f"data.path={args.data_path}")
     if args.forget_split:
         cfg_over.append(f"data.forget_split={args.forget_split}")
+    out = args.out if args.out is not None else os.path.join("runs", "evaluate")
+    _check_out_dir(out)
+    if args.label is not None and not args.label.strip():
+        raise UserError("--label is empty (expected the model's name in the ledger)")
+    from .models import check_model_dir, is_local
+
     cfg = load_recipe(args.recipe, cfg_over)
-    out = args.out or os.path.join("runs", "evaluate")
+    for path in [args.model_dir] + ([args.oracle] if args.oracle else []):  # before the benchmark is loaded
+        if is_local(path):
+            check_model_dir(path)
     metrics = evaluate(cfg, args.model_dir, out, label=args.label, oracle=args.oracle)
     for k, v in metrics.items():
         print(f"{k}\t{v:.4f}")
@@ -125,14 +171,20 @@ def cmd_unlearn(args) -> int:
 
     recipe, overrides = _split_recipe_and_overrides(args.items)
     cfg = load_recipe(recipe, overrides)
-    methods = args.methods.split(",") if args.methods else None
+    methods = _names(args.methods, "--methods", "GA,RMU") if args.methods is not None else None
     from .methods import check_method
 
     for m in methods or []:  # before any data or model work
         check_method(m, "--methods")
+    out = args.out if args.out is not None else os.path.join("runs", cfg["name"])
+    _check_out_dir(out, subdirs=("checkpoints",))
+    if args.target is not None:
+        from .models import check_model_dir, is_local
+
+        if is_local(args.target):
+            check_model_dir(args.target)
     bench = load_benchmark(cfg)
     target, target_id = target_checkpoint(cfg, bench, args.target)
-    out = args.out or os.path.join("runs", cfg["name"])
     done = unlearn_all(cfg, bench, target, target_id, out, methods)
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: once, from the main process
         for method, path in done.items():
@@ -160,6 +212,8 @@ def _sweep_checkpoints(items: list[str], labels: str | None, oracle: str | None)
         raise UserError("no checkpoint given (expected CKPT [CKPT...] as PATH or LABEL=PATH)")
     if labels:
         names = [x.strip() for x in labels.split(",")]
+        if not all(names):
+            raise UserError(f"--label '{labels}' has an empty label (expected one name per checkpoint, comma-separated)")
         if len(names) != len(ckpts):
             raise UserError(f"--label has {len(names)} labels for {len(ckpts)} checkpoints (expected one each, comma-separated)")
         for c, name in zip(ckpts, names):
@@ -187,10 +241,9 @@ def cmd_sweep(args) -> int:
     from .config import load_recipe
 
     compressions = None
+    _check_out_dir(args.out)
     if args.compressions is not None:
-        compressions = [c.strip() for c in args.compressions.split(",") if c.strip()]
-        if not compressions:
-            raise UserError("--compressions is empty (expected names such as none,int8,nf4)")
+        compressions = _names(args.compressions, "--compressions", "none,int8,nf4")
         for c in compressions:
             check_compression(c, "--compressions")
     ckpts, overrides = _sweep_checkpoints(args.items, args.label, args.oracle)
@@ -213,6 +266,15 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _check_json_out(path: str) -> None:
+    """``--json FILE``: a file that can be written (a new one, or one to replace), checked before any work."""
+    if not path.strip():
+        raise UserError("--json is empty (expected a file path)")
+    if os.path.isdir(path):
+        raise UserError(f"--json '{path}' is a directory (expected a file path, e.g. audit.json)")
+    _check_out_dir(os.path.dirname(path) or ".", f"--json '{path}': folder", expected="a folder for the file")
+
+
 def cmd_audit(args) -> int:
     import json
 
@@ -221,10 +283,13 @@ def cmd_audit(args) -> int:
     from .metrics.weights import audit, audit_table
     from .models import check_model_dir, is_local, load_model, read_metadata
 
-    ckpts, _ = _sweep_checkpoints(args.checkpoints, args.label, None)
-    for path in [args.target] + [c[1] for c in ckpts]:
-        if is_local(path):
-            check_model_dir(path)
+    if args.json is not None:
+        _check_json_out(args.json)
+    if is_local(args.target):  # the target first: it is the first argument
+        check_model_dir(args.target)
+    ckpts, overrides = _sweep_checkpoints(args.checkpoints, args.label, None)
+    if overrides:
+        raise UserError(f"audit takes no recipe overrides, got '{overrides[0]}' (expected TARGET CKPT [CKPT...])")
     target, _ = load_model(args.target)
     before = {k: v.detach().clone() for k, v in target.state_dict().items() if k.endswith(".weight")}
     shapes = {k: tuple(v.shape) for k, v in before.items()}
@@ -249,11 +314,26 @@ def cmd_audit(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .ledger import Ledger
     from .report import write_report
 
-    if not os.path.isfile(os.path.join(args.run_dir, "results.jsonl")):
-        raise UserError(f"run directory '{args.run_dir}' has no results.jsonl (expected the --out of a run)")
-    path = write_report(args.run_dir)
+    run_dir = args.run_dir
+    if not os.path.exists(run_dir):
+        raise UserError(f"run directory '{run_dir}' not found (expected the --out of a run)")
+    if not os.path.isdir(run_dir):
+        raise UserError(f"'{run_dir}' is a file, not a run directory (expected the --out of a run, "
+                        "which holds results.jsonl)")
+    ledger_path = os.path.join(run_dir, "results.jsonl")
+    if not os.path.isfile(ledger_path):
+        raise UserError(f"run directory '{run_dir}' has no results.jsonl (expected the --out of a run)")
+    ledger = Ledger(ledger_path)
+    if not ledger.rows():  # each torn / unparseable line was warned about, with its line number
+        n = len(ledger.problems)
+        why = f"{n} torn or unparseable line{'s' if n > 1 else ''} skipped" if n else "the file is empty"
+        raise UserError(f"ledger '{ledger_path}' has no valid rows ({why}; expected one JSON row a line, "
+                        "as a run writes)")
+    _check_out_dir(run_dir, "run directory")
+    path = write_report(run_dir, ledger=ledger)
     print(path.read_text())
     return 0
 
@@ -261,7 +341,7 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .data.benchmarks import BENCHMARKS  # light: no datasets, no torch
 
-    p = argparse.ArgumentParser(prog="robust-unlearn", description="LLM unlearning that survives compression.")
+    p = _Parser(prog="robust-unlearn", description="LLM unlearning that survives compression.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -343,8 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the list that positionals after an option (``run --out DIR key=value``) join; argparse alone rejects them
+_REST = {"run": "items", "check": "items", "unlearn": "items", "sweep": "items", "evaluate": "overrides",
+         "audit": "checkpoints"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    rest = _REST.get(args.command)
+    if extra and (rest is None or any(x.startswith("-") for x in extra)):
+        bad = [x for x in extra if x.startswith("-")] or extra
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        sub.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        setattr(args, rest, list(getattr(args, rest)) + extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -227,6 +227,9 @@ def parse_overrides(items: list[str], problems: list[str] | None = None) -> dict
             if "=" not in item:
                 raise UserError(f"override '{item}' must look like dotted.key=value")
             key, raw = item.split("=", 1)
+            if not all(part.strip() for part in key.split(".")):
+                raise UserError(f"override '{item}' has {'no key' if not key.strip() else 'an empty key part'} "
+                                "(expected dotted.key=value, e.g. unlearn.lr=1e-5)")
             try:
                 value = yaml.safe_load(raw) if raw != "" else None
             except yaml.YAMLError:
@@ -271,13 +274,25 @@ def assemble(path, overrides: list[str], problems: list[str]) -> dict | None:
         path = DEFAULT_RECIPE if DEFAULT_RECIPE.exists() else None
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            problems.append(f"recipe file '{p}' is a directory (expected a YAML file, e.g. recipes/default.yaml)")
+            return None
         if not p.is_file():
-            problems.append(f"recipe file '{p}' not found (expected a YAML file, e.g. recipes/default.yaml)")
+            hint = "" if p.suffix in (".yaml", ".yml") else "; an override looks like dotted.key=value"
+            problems.append(f"recipe file '{p}' not found (expected a YAML file, e.g. recipes/default.yaml{hint})")
             return None
         try:
-            recipe = yaml.safe_load(p.read_text()) or {}
+            recipe = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
             problems.append(f"recipe file '{p}' is not valid YAML: {str(exc).splitlines()[0]}")
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"recipe file '{p}' cannot be read ({exc.__class__.__name__}: "
+                            f"{getattr(exc, 'strerror', None) or exc}; expected a YAML text file)")
+            return None
+        if recipe is None:
+            problems.append(f"recipe file '{p}' is empty (expected a mapping of recipe keys, e.g. "
+                            "recipes/default.yaml; run without a recipe for the defaults)")
             return None
         if not isinstance(recipe, dict):
             problems.append(f"recipe file '{p}' must hold a mapping of keys, got {type(recipe).__name__}")

@@ -43,6 +43,9 @@ def quiet_transformers():
 
 def check_model_dir(path: str | Path) -> None:
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"model directory '{path}' is a file (expected a checkpoint directory with config.json "
+                        "and weights)")
     if not p.is_dir():
         raise UserError(f"model directory '{path}' not found")
     if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):

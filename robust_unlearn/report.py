@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from .data.benchmarks import METRIC_SETS
 from .ledger import Ledger
+
+log = logging.getLogger(__name__)
 
 # every benchmark's report columns, pivots and notes, from its declaration (data.benchmarks); a ledger
 # holds one benchmark's metrics, absent ones are not shown
@@ -29,13 +32,19 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def write_report(run_dir: str | Path, info: dict | None = None) -> Path:
+def write_report(run_dir: str | Path, info: dict | None = None, ledger: Ledger | None = None) -> Path:
     run_dir = Path(run_dir)
-    rows = Ledger(run_dir / "results.jsonl").latest()
+    rows = (ledger or Ledger(run_dir / "results.jsonl")).latest()
     info = info or {}
     info_file = run_dir / "run.json"
     if not info and info_file.is_file():
-        info = json.loads(info_file.read_text())
+        try:
+            info = json.loads(info_file.read_text())
+        except ValueError:  # cut short or edited: the report goes on without the run's details
+            info = None
+        if not isinstance(info, dict):
+            log.warning("%s is not a JSON object (expected the run's details), left out of the report", info_file)
+            info = {}
     cells: dict[tuple, dict] = {}
     precision: dict[str, str] = {}
     for r in rows:

@@ -120,3 +120,159 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, cache_dir):
     if case == "nan_loss":  # nothing from the diverged run reached a checkpoint
         ckpts = tmp_path / "nan" / "checkpoints"
         assert not ckpts.exists() or not [p for p in ckpts.iterdir() if not p.name.startswith(".")]
+
+
+# ---- bad inputs, tried as a new user would (issue 11): in-process, nothing trained or loaded ----------------
+ROW = {"model": "target", "method": "none", "compression": "none", "split": "forget", "metric": "forget_Q_A_Prob",
+       "value": 0.5, "ckpt": "c", "eval": "e"}
+
+
+def main_rc(capsys, *args):
+    """``robust-unlearn ARGS`` in this process -> (exit code, stdout, stderr lines that are not blank)."""
+    from robust_unlearn.cli import main
+
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's usage errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, [line for line in err.splitlines() if line.strip()]
+
+
+def one_error_line(capsys, *args) -> str:
+    rc, _, err = main_rc(capsys, *args)
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("robust-unlearn") and ": error: " in err[0], err
+    return err[0]
+
+
+@pytest.fixture
+def play(tmp_path, monkeypatch):
+    """A scratch folder with the things a new user points at by mistake."""
+    monkeypatch.setenv("ROBUST_UNLEARN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep me\n")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "comment.yaml").write_text("# nothing yet\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    (tmp_path / "runout").mkdir()
+    (tmp_path / "runout" / "checkpoints").write_text("")
+    return tmp_path
+
+
+BAD_INPUTS = {  # args -> what the one error line must say
+    # an output directory that cannot be one: before any work
+    "run_out_file": (["run", "model.base=tiny", "--out", "afile"], "--out 'afile' is a file, not a directory"),
+    "run_out_under_file": (["run", "model.base=tiny", "--out", "afile/x"], "'afile' is a file, not a directory"),
+    "run_out_empty": (["run", "model.base=tiny", "--out", ""], "--out is empty"),
+    "evaluate_out_file": (["evaluate", "adir", "model.base=tiny", "--out", "afile"], "--out 'afile' is a file"),
+    "unlearn_out_file": (["unlearn", "model.base=tiny", "--out", "afile"], "--out 'afile' is a file"),
+    "unlearn_ckpts_file": (["unlearn", "model.base=tiny", "--out", "runout"], "checkpoints is a file"),
+    "sweep_out_file": (["sweep", "adir", "--out", "afile"], "--out 'afile' is a file"),
+    "audit_json_dir": (["audit", "adir", "adir", "--json", "adir"], "--json 'adir' is a directory"),
+    "audit_json_under_file": (["audit", "adir", "adir", "--json", "afile/a.json"], "'afile' is a file"),
+    # recipes and overrides
+    "recipe_missing": (["run", "nope.yaml"], "recipe file 'nope.yaml' not found"),
+    "recipe_is_dir": (["run", "adir"], "recipe file 'adir' is a directory"),
+    "recipe_empty": (["run", "empty.yaml"], "recipe file 'empty.yaml' is empty"),
+    "recipe_only_comment": (["run", "comment.yaml"], "recipe file 'comment.yaml' is empty"),
+    "recipe_list": (["run", "list.yaml"], "must hold a mapping of keys, got list"),
+    "recipe_malformed": (["run", "bad.yaml"], "recipe file 'bad.yaml' is not valid YAML"),
+    "override_bare_word": (["run", "foo"], "an override looks like dotted.key=value"),
+    "override_no_key": (["run", "=1"], "override '=1' has no key"),
+    "override_empty_part": (["run", "data..name=tofu"], "override 'data..name=tofu' has an empty key part"),
+    "override_bad_number": (["run", "unlearn.lr=abc"], "recipe key 'unlearn.lr' must be a number"),
+    "evaluate_recipe_dir": (["evaluate", "adir", "--recipe", "adir"], "recipe file 'adir' is a directory"),
+    # flags and names
+    "unknown_flag": (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    "report_extra_arg": (["report", "adir", "b"], "unrecognized arguments: b"),
+    "audit_one_arg": (["audit", "adir"], "the following arguments are required: CKPT"),
+    "methods_empty": (["unlearn", "model.base=tiny", "--methods", ""], "--methods is empty"),
+    "methods_commas": (["unlearn", "model.base=tiny", "--methods", " , "], "--methods is empty"),
+    "methods_unknown": (["unlearn", "model.base=tiny", "--methods", "GA,,Bogus"], "unknown method 'Bogus'"),
+    "compressions_unknown": (["sweep", "adir", "--out", "o", "--compressions", "nf3"], "unknown compression 'nf3'"),
+    "compressions_empty": (["sweep", "adir", "--out", "o", "--compressions", ","], "--compressions is empty"),
+    "sweep_label_empty": (["sweep", "adir", "--out", "o", "--label", "a,"], "--label 'a,' has an empty label"),
+    # checkpoints
+    "sweep_ckpt_missing": (["sweep", "nothere", "--out", "o"], "model directory 'nothere' not found"),
+    "sweep_ckpt_file": (["sweep", "afile", "--out", "o"], "model directory 'afile' is a file"),
+    "sweep_oracle_missing": (["sweep", "adir", "--out", "o", "--oracle", "nothere"], "'nothere' not found"),
+    "evaluate_model_missing": (["evaluate", "nothere", "model.base=tiny"], "model directory 'nothere' not found"),
+    "evaluate_model_file": (["evaluate", "afile"], "model directory 'afile' is a file"),
+    # a positional after an option joins the others (argparse alone said 'unrecognized arguments')
+    "evaluate_override_after_option": (["evaluate", "nothere", "--out", "e", "model.base=tiny"], "'nothere' not found"),
+    "evaluate_label_empty": (["evaluate", "adir", "--label", ""], "--label is empty"),
+    "unlearn_target_missing": (["unlearn", "model.base=tiny", "--target", "nothere"], "'nothere' not found"),
+    "audit_target_missing": (["audit", "nothere", "adir"], "model directory 'nothere' not found"),
+    # report
+    "report_missing_dir": (["report", "nothere"], "run directory 'nothere' not found"),
+    "report_no_ledger": (["report", "adir"], "run directory 'adir' has no results.jsonl"),
+    "report_on_file": (["report", "afile"], "'afile' is a file, not a run directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_new_user_bad_input_is_one_line_exit_2(case, play, capsys):
+    args, expect = BAD_INPUTS[case]
+    before = sorted(p.relative_to(play) for p in play.rglob("*"))
+    assert expect in one_error_line(capsys, *args)
+    assert (play / "afile").read_text() == "keep me\n"
+    assert sorted(p.relative_to(play) for p in play.rglob("*")) == before  # nothing created: no work was done
+
+
+def test_report_on_a_ledger_whose_only_line_is_torn(play, capsys):
+    ledger = play / "adir" / "results.jsonl"
+    ledger.write_bytes(b'{"model": "tar')
+    rc, _, err = main_rc(capsys, "report", "adir")
+    assert rc == 2 and len(err) == 2, err
+    assert err[0].startswith("robust-unlearn: warning:") and f"{Path('adir', 'results.jsonl')} line 1: torn" in err[0]
+    assert err[1].startswith("robust-unlearn: error: ledger") and "no valid rows (1 torn" in err[1]
+    assert ledger.read_bytes() == b'{"model": "tar' and not (play / "adir" / "report.md").exists()
+
+
+def test_report_on_an_empty_ledger(play, capsys):
+    (play / "adir" / "results.jsonl").write_text("")
+    assert "no valid rows (the file is empty" in one_error_line(capsys, "report", "adir")
+
+
+def test_report_skips_bad_lines_with_a_warning_each_and_keeps_the_rest(play, capsys):
+    ledger = play / "adir" / "results.jsonl"
+    data = (json.dumps(ROW) + "\ngarbage\n[1, 2]\n" + json.dumps(dict(ROW, compression="nf4")) + "\n"
+            + '{"model": "oracle"}\n' + json.dumps(ROW)[:20])
+    ledger.write_text(data)
+    (play / "adir" / "run.json").write_text('{"name": ')  # cut short too
+    rc, out, err = main_rc(capsys, "report", "adir")
+    assert rc == 0, err
+    assert all(line.startswith("robust-unlearn: warning:") for line in err)
+    where = [line.split(": ")[2].split(" line ")[-1].split(":")[0] for line in err if " line " in line]
+    assert where == ["2", "3", "5", "6"], err  # each bad line, by number, once
+    assert "run.json" in err[-1]
+    assert "| target | none | none |" in out and "| target | none | nf4 |" in out
+    assert ledger.read_text() == data  # a report never changes the ledger
+
+
+def test_append_after_a_torn_last_line_keeps_every_valid_row(tmp_path):
+    from robust_unlearn.ledger import Ledger
+
+    path = tmp_path / "results.jsonl"
+    good = json.dumps(ROW, sort_keys=True) + "\nnot json\n" + json.dumps(dict(ROW, compression="nf4")) + "\n"
+    path.write_text(good + '{"model": "tar')  # a bad line mid-file, then a torn tail
+    led = Ledger(path)
+    assert [r["compression"] for r in led.rows()] == ["none", "nf4"] and [n for n, _ in led.problems] == [2, 4]
+    assert path.read_text() == good + '{"model": "tar'  # reading changes nothing
+    assert led.append([dict(ROW, compression="int8")]) == 1
+    assert path.read_text() == good + json.dumps(dict(ROW, compression="int8"), sort_keys=True) + "\n"
+    assert [r["compression"] for r in Ledger(path).rows()] == ["none", "nf4", "int8"]  # not glued, none lost
+
+
+def test_append_after_a_whole_row_without_its_newline(tmp_path):
+    from robust_unlearn.ledger import Ledger
+
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(ROW))  # complete, only the newline missing: a row, kept
+    led = Ledger(path)
+    assert led.rows() == [ROW] and not led.problems
+    assert led.append([dict(ROW, compression="nf4")]) == 1
+    assert [r["compression"] for r in Ledger(path).rows()] == ["none", "nf4"] and path.read_text().endswith("\n")

@@ -113,10 +113,11 @@ def test_ledger_drops_a_torn_tail_and_appends_in_one_write(tmp_path, monkeypatch
     with open(path, "ab") as fh:
         fh.write(b'{"model": "m", "method": "no')
     led = Ledger(path)
-    assert led.rows() == rows and path.read_bytes() == good  # dropped and truncated away
+    assert led.rows() == rows and led.problems == [(3, led.problems[0][1])]  # skipped, with its line number
+    assert path.read_bytes() == good + b'{"model": "m", "method": "no'  # reading never changes the file
     more = [dict(rows[0], compression="nf4")]
     assert led.append(more + rows) == 1  # only the new row
-    assert [json.loads(x) for x in path.read_text().splitlines()] == rows + more
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows + more  # the torn tail cut, not glued
 
 
 def test_unknown_compression_is_one_line_before_loading(models, tmp_path, cache_dir):
