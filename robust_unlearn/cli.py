@@ -99,9 +99,22 @@ def cmd_run(args) -> int:
     cfg = load_recipe(recipe, overrides)
     _check_out_dir(args.out if args.out is not None else os.path.join("runs", cfg["name"]), subdirs=("checkpoints",))
     run_dir = run(cfg, args.out, command="robust-unlearn " + shlex.join(sys.argv[1:]))
-    print((run_dir / "report.md").read_text())
-    print(f"results: {run_dir / 'results.jsonl'}\nreport:  {run_dir / 'report.md'}")
+    _print_verdict(run_dir)
     return 0
+
+
+def _print_verdict(run_dir) -> None:
+    """The end of ``run``: the verdict table, the run's wall time and where everything is."""
+    import json
+
+    from .ledger import Ledger
+    from .report import HOLDS_MARGIN, verdict_section
+
+    info = json.loads((run_dir / "run.json").read_text())
+    lines = verdict_section(Ledger(run_dir / "results.jsonl").latest(), info.get("holds_margin", HOLDS_MARGIN))
+    print("\n".join(lines) if lines else "(no forget metric in the ledger: no verdict)")
+    print(f"wall time: {info.get('wall_time_s')} s")
+    print(f"results: {run_dir / 'results.jsonl'}\nreport:  {run_dir / 'report.md'} (every metric, the sweep tables, plots)")
 
 
 def cmd_check(args) -> int:

@@ -72,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
         "rouge": True,
     },
     "unlearn": {
-        "methods": ["GradDiff", "SimNPO", "RMU"],  # what `run` unlearns (robust_unlearn.methods.METHODS)
+        "methods": ["GradDiff", "SimNPO", "RMU", "SURE_GradDiff", "Robust_GradDiff"],  # what `run` unlearns (robust_unlearn.methods.METHODS)
         "lr": 1.0e-4,
         "steps": 40,               # optimizer steps; None: `epochs` passes over the forget set
         "epochs": 10.0,
@@ -114,11 +114,15 @@ DEFAULTS: dict[str, Any] = {
                                 "robust_topk": 0.03, "robust_floor_every": 4, "robust_floor_margin": 0.05},
             "RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 80, "alpha": 10.0, "stop_forget_prob": 0.15,
                     "rmu_params": "model\\.layers\\.(5|6|7)\\.mlp\\..*_proj\\.weight"},
+            # the RMU loss through SURE's saliency / the robust update (fp32, as the other wrappers)
+            "SURE_RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 80, "alpha": 10.0, "stop_forget_prob": 0.15},
+            "Robust_RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 80, "alpha": 10.0, "stop_forget_prob": 0.15},
         },
     },
     "sweep": {
         "compressions": ["none", "int8", "nf4", "prune30"],
         "oracle": False,           # also sweep the retain oracle (else it is evaluated uncompressed only)
+        "holds_margin": 0.05,      # the verdict: forgetting holds when every column is within this of the oracle's
     },
     # How a run executes; nothing here changes what it computes (not part of a checkpoint's spec key).
     "runtime": {
@@ -366,6 +370,7 @@ _RANGES = {  # key -> allowed values (recipe keys outside unlearn)
     "eval.batch_size": _COUNT,
     "eval.max_new_tokens": _COUNT,
     "runtime.checkpoint_every": _Range(0, whole=True),
+    "sweep.holds_margin": _NONNEG,
 }
 _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "lr": _POSITIVE,

@@ -128,7 +128,8 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
     sweep(cfg, bench, run_dir, checkpoints, cfg["sweep"]["compressions"], oracle=oracle_stats)
     info = {"name": cfg["name"], "benchmark": cfg["data"]["name"] + (f" ({cfg['data']['path']})" if cfg["data"]["path"] else ""),
             "forget_split": _forget_name(cfg), "base_model": cfg["model"]["base"],
-            "models": {k: v[0] for k, v in models.items()}, "wall_time_s": round(time.time() - t0, 1),
+            "models": {k: v[0] for k, v in models.items()}, "holds_margin": cfg["sweep"]["holds_margin"],
+            "wall_time_s": round(time.time() - t0, 1),
             "command": command}
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
     write_report(run_dir, info)

@@ -22,6 +22,9 @@ PIVOT = tuple(dict.fromkeys(m for ms in METRIC_SETS for m in ms.pivot))
 PLOTS = tuple((f, f, ms.utility) for ms in METRIC_SETS for f in ms.forget)
 NOTES = {ms.note_metric: ms.note for ms in METRIC_SETS}
 HEATMAP, SCATTER = "forget_heatmap.png", "utility_vs_forget.png"
+# the verdict's tolerance around the retain oracle when the run does not give one (recipe key
+# sweep.holds_margin, recorded in run.json)
+HOLDS_MARGIN = 0.05
 
 
 def _fmt(v) -> str:
@@ -58,6 +61,8 @@ def write_report(run_dir: str | Path, info: dict | None = None, ledger: Ledger |
             if key in info:
                 lines.append(f"- **{key}**: {info[key]}")
         lines.append("")
+    margin = info.get("holds_margin", HOLDS_MARGIN) if isinstance(info.get("holds_margin"), (int, float)) else HOLDS_MARGIN
+    lines += verdict_section(rows, margin)
     metrics = [m for m in MAIN if any(m in c for c in cells.values())]
     lines += ["## Forgetting and utility", "",
               "| model | method | compression | precision | " + " | ".join(metrics) + " |",
@@ -82,6 +87,57 @@ def write_report(run_dir: str | Path, info: dict | None = None, ledger: Ledger |
     tmp.write_text("\n".join(lines))
     tmp.replace(out)
     return out
+
+
+def verdict(rows: list[dict], margin: float = HOLDS_MARGIN) -> list[dict]:
+    """One entry per model but the oracle: its primary forget metric uncompressed, the worst compressed
+    column (the most knowledge back: the highest value where lower means more forgotten) and its
+    name, utility uncompressed, and whether the forgetting holds: the uncompressed value and every
+    column within ``margin`` of the retain oracle's uncompressed value (None without an oracle)."""
+    rows = [r for r in rows if isinstance(r.get("value"), (int, float))]
+    names = {r["metric"] for r in rows}
+    ms = next((ms for ms in METRIC_SETS if any(f in names for f in ms.forget)), None)
+    if ms is None:
+        return []
+    f = next(f for f in ms.forget if f in names)
+    sign = 1.0 if ms.forget_lower_is_better else -1.0
+    value = {(r["model"], r["method"], r["compression"], r["metric"]): r["value"] for r in rows}
+    models, comps = sweep_order(rows)
+    oracle = next((value[k] for k in value if k[0] == "oracle" and k[2] == "none" and k[3] == f), None)
+    out = []
+    for m in models:
+        if m[0] == "oracle" or (*m, "none", f) not in value:
+            continue
+        base = value[(*m, "none", f)]
+        cols = [(c, value[(*m, c, f)]) for c in comps if c != "none" and (*m, c, f) in value]
+        worst = max(cols, key=lambda cv: sign * cv[1]) if cols else None
+        top = max([base] + [v for _, v in cols], key=lambda v: sign * v)
+        holds = None if oracle is None else bool(sign * (top - oracle) <= margin)
+        out.append({"model": m[0], "method": m[1], "metric": f, "none": base,
+                    "worst": worst[0] if worst else None, "worst_value": worst[1] if worst else None,
+                    "utility_metric": ms.utility, "utility": value.get((*m, "none", ms.utility)),
+                    "oracle": oracle, "holds": holds, "margin": margin})
+    return out
+
+
+def verdict_section(rows: list[dict], margin: float = HOLDS_MARGIN) -> list[str]:
+    """The verdict table (Markdown lines), or nothing when the ledger has no forget metric."""
+    v = verdict(rows, margin)
+    if not v:
+        return []
+    f, u, oracle = v[0]["metric"], v[0]["utility_metric"], v[0]["oracle"]
+    bar = (f"within {margin:g} of the retain oracle's {_fmt(oracle)}, uncompressed and under every column"
+           if oracle is not None else "no retain oracle in this ledger: not judged")
+    lines = ["## Verdict", "",
+             f"Does the forgetting hold? `{f}` uncompressed, its worst compressed column, `{u}` uncompressed; "
+             f"holds = {bar}.", "",
+             f"| model | {f} | worst column | worst {f} | {u} | holds |", "|---|---|---|---|---|---|"]
+    for e in v:
+        label = _label((e["model"], e["method"]))
+        holds = "–" if e["holds"] is None else ("**yes**" if e["holds"] else "no")
+        lines.append(f"| {label} | {_fmt(e['none'])} | {e['worst'] or '–'} | {_fmt(e['worst_value'])} | "
+                     f"{_fmt(e['utility'])} | {holds} |")
+    return lines + [""]
 
 
 def sweep_order(rows: list[dict]) -> tuple[list[tuple[str, str]], list[str]]:

@@ -222,6 +222,17 @@ def greedy_from_cache(model, cache, mask: torch.Tensor, first_logits: torch.Tens
     return out
 
 
+def _greedy_if_forced(answer: list[int], agree: list[bool], stops: set[int], max_new_tokens: int) -> list[int] | None:
+    """The greedy output, when teacher forcing ``answer`` shows that decoding would produce it (the
+    argmax agreed with each next token, ``agree``, through the first stop token or through
+    ``max_new_tokens`` tokens); else None."""
+    end = next((t for t, tok in enumerate(answer) if tok in stops), None)
+    need = max_new_tokens if end is None or end >= max_new_tokens else end + 1
+    if need > len(answer) or not all(agree[:need]):
+        return None
+    return answer[: min(need, end if end is not None else need)]
+
+
 @torch.no_grad()
 def score_and_generate(model, prompts: list[list[int]], answers: list[list[list[int]]], generate: list[bool],
                        pad_id: int, stop_ids: list[int], max_new_tokens: int, batch_size: int = 32,
@@ -231,13 +242,18 @@ def score_and_generate(model, prompts: list[list[int]], answers: list[list[list[
     :func:`greedy_from_cache`), both continuing from the same key/value cache of the prompt.
 
     Prompts are taken in order of length, ``prompt_batch`` at a time; their answers in batches of at
-    most ``batch_size``, sorted by length. -> (per prompt, per answer: (sum of token NLLs, number of
+    most ``batch_size``, sorted by length. An answer that greedy decoding would produce is found
+    without decoding: when the argmax at every position of a scored answer is that answer's next
+    token, up to and including its first stop token, greedy decoding from the prompt yields exactly
+    it (teacher forcing and decoding compute the same logits). Only prompts none of whose answers
+    passes that check are decoded. -> (per prompt, per answer: (sum of token NLLs, number of
     tokens); per prompt: the generated token ids, or None)."""
     from transformers import DynamicCache
 
     from .data.collate import collate_prompts
 
     device = next(model.parameters()).device
+    stops = set(stop_ids)
     nll: list[list[tuple[float, int]]] = [[] for _ in prompts]
     gens: list[list[int] | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -249,12 +265,6 @@ def score_and_generate(model, prompts: list[list[int]], answers: list[list[list[
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
                     use_cache=True, logits_to_keep=1)
         cache, first = out.past_key_values, out.logits[:, -1].float()
-        rows = [j for j, i in enumerate(idx) if generate[i]]
-        if rows:
-            sel = torch.tensor(rows, device=device)
-            new = greedy_from_cache(model, select_cache(cache, sel), mask[sel], first[sel], stop_ids, max_new_tokens)
-            for j, g in zip(rows, new):
-                gens[idx[j]] = g
         flat = [(j, k) for j, i in enumerate(idx) for k in range(len(answers[i]))]
         flat.sort(key=lambda jk: len(answers[idx[jk[0]]][jk[1]]))
         got: dict[tuple[int, int], tuple[float, int]] = {}
@@ -278,6 +288,17 @@ def score_and_generate(model, prompts: list[list[int]], answers: list[list[list[
                                       reduction="none").view(target.shape)
             for (j, k), total, count in zip(part, (tok_nll * a_mask).sum(1).tolist(), a_mask.sum(1).tolist()):
                 got[(j, k)] = (total, count)
+            if any(generate[idx[j]] and gens[idx[j]] is None for j, _ in part):
+                agree = (logits.argmax(-1) == a_ids).tolist()
+                for r, (j, _) in enumerate(part):
+                    if generate[idx[j]] and gens[idx[j]] is None:
+                        gens[idx[j]] = _greedy_if_forced(seqs[r], agree[r], stops, max_new_tokens)
         for j, i in enumerate(idx):
             nll[i] = [got[(j, k)] for k in range(len(answers[i]))]
+        rows = [j for j, i in enumerate(idx) if generate[i] and gens[i] is None]
+        if rows:
+            sel = torch.tensor(rows, device=device)
+            new = greedy_from_cache(model, select_cache(cache, sel), mask[sel], first[sel], stop_ids, max_new_tokens)
+            for j, g in zip(rows, new):
+                gens[idx[j]] = g
     return nll, gens

@@ -60,3 +60,32 @@ def test_no_sweep_section_without_compressions(tmp_path):
     assert main(["report", str(tmp_path)]) == 0
     assert "Compression sweep" not in (tmp_path / "report.md").read_text()
     assert not (tmp_path / "forget_heatmap.png").exists()
+
+
+def test_verdict_takes_the_worst_column_and_judges_against_the_oracle(tmp_path):
+    from robust_unlearn.ledger import Ledger
+    from robust_unlearn.report import verdict, write_report
+
+    def row(model, method, comp, metric, value):
+        return {"model": model, "method": method, "compression": comp, "split": "forget", "metric": metric,
+                "value": value, "ckpt": model, "eval": "e"}
+
+    rows = [row("target", "none", "none", "forget_Q_A_Prob", 0.95), row("target", "none", "nf4", "forget_Q_A_Prob", 0.91),
+            row("oracle", "none", "none", "forget_Q_A_Prob", 0.10),
+            row("GradDiff", "GradDiff", "none", "forget_Q_A_Prob", 0.08),
+            row("GradDiff", "GradDiff", "nf4", "forget_Q_A_Prob", 0.09),
+            row("GradDiff", "GradDiff", "prune30", "forget_Q_A_Prob", 0.70),
+            row("GradDiff", "GradDiff", "none", "model_utility", 0.9),
+            row("Robust", "Robust", "none", "forget_Q_A_Prob", 0.07),
+            row("Robust", "Robust", "nf4", "forget_Q_A_Prob", 0.12),
+            row("Robust", "Robust", "prune30", "forget_Q_A_Prob", 0.11)]
+    v = {e["model"]: e for e in verdict(rows, margin=0.05)}
+    assert set(v) == {"target", "GradDiff", "Robust"}  # the oracle is the bar, not a row
+    assert (v["GradDiff"]["worst"], v["GradDiff"]["worst_value"], v["GradDiff"]["holds"]) == ("prune30", 0.70, False)
+    assert (v["Robust"]["worst"], v["Robust"]["holds"]) == ("nf4", True)  # 0.12 <= 0.10 + 0.05
+    assert v["target"]["holds"] is False and v["GradDiff"]["utility"] == 0.9
+    assert verdict(rows, margin=0.01)[2]["holds"] is False
+    Ledger(tmp_path / "results.jsonl").append(rows)
+    text = write_report(tmp_path).read_text()
+    assert text.index("## Verdict") < text.index("## Forgetting and utility")  # the report leads with it
+    assert "| GradDiff | 0.080 | prune30 | 0.700 | 0.900 | no |" in text
