@@ -222,6 +222,18 @@ def greedy_from_cache(model, cache, mask: torch.Tensor, first_logits: torch.Tens
     return out
 
 
+def _common_prefix(prompts: list[list[int]], least: int = 4) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own (0 when
+    fewer than ``least`` are shared, or for a single prompt)."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    k = 0
+    while k < n and all(p[k] == first[k] for p in prompts):
+        k += 1
+    return k if k >= least else 0
+
+
 def _greedy_if_forced(answer: list[int], agree: list[bool], stops: set[int], max_new_tokens: int) -> list[int] | None:
     """The greedy output, when teacher forcing ``answer`` shows that decoding would produce it (the
     argmax agreed with each next token, ``agree``, through the first stop token or through
@@ -257,12 +269,22 @@ def score_and_generate(model, prompts: list[list[int]], answers: list[list[list[
     nll: list[list[tuple[float, int]]] = [[] for _ in prompts]
     gens: list[list[int] | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # the tokens every prompt starts with (a chat template's system turn) run once, for all prompts
+    shared = _common_prefix(prompts)
+    prefix_cache = None
+    if shared:
+        prefix_cache = model(input_ids=torch.tensor([prompts[0][:shared]], device=device),
+                             past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1).past_key_values
     for s in range(0, len(order), prompt_batch):
         idx = order[s: s + prompt_batch]
-        left = collate_prompts([prompts[i] for i in idx], pad_id)
+        left = collate_prompts([prompts[i][shared:] for i in idx], pad_id)
         ids, mask = left["input_ids"].to(device), left["attention_mask"].to(device)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=DynamicCache(),
+        pos = (mask.cumsum(1) - 1).clamp(min=0) + shared
+        past = DynamicCache()
+        if shared:  # [shared prefix | left-padded rest]: the padding sits between them, masked
+            past = select_cache(prefix_cache, torch.zeros(len(idx), dtype=torch.long, device=device))
+            mask = torch.cat([mask.new_ones(len(idx), shared), mask], 1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
                     use_cache=True, logits_to_keep=1)
         cache, first = out.past_key_values, out.logits[:, -1].float()
         flat = [(j, k) for j, i in enumerate(idx) for k in range(len(answers[i]))]

@@ -124,3 +124,40 @@ def test_shared_prompt_scoring_equals_full_sequences(tmp_path):
         batch = collate_qa([fmt.encode(q, a) for q, a in pairs], fmt.pad_id)
         total, count = answer_nll(model, batch)
         assert got == pytest.approx((total / count).detach().numpy(), abs=1e-4)
+
+
+def test_one_pass_generation_equals_model_generate(tmp_path):
+    """qa_pass's greedy answers (shared prompt prefix, decoding from the scoring cache, and answers that
+    teacher forcing shows decoding would produce) equal transformers' greedy generate."""
+    from robust_unlearn.data.collate import collate_prompts
+    from robust_unlearn.models import load_model, tiny_base
+    from robust_unlearn.scoring import qa_pass
+
+    texts = ["Who wrote the book about rivers?", "It was written by Ana Lopez in 1999.", "What is blue?", "The sky."]
+    model, tok = load_model(str(tiny_base(tmp_path, texts * 20)))
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    fmt = QAFormatter(tok, prompt="chat", system_prompt="Be brief and answer the question.")
+    qs = ["Who wrote the book about rivers?", "What is blue?", "Hi?", "Is the sky blue in 1999?"]
+    batch = collate_prompts([fmt.prompt_ids(q) for q in qs], fmt.pad_id)
+    gen = model.generate(**batch, do_sample=False, max_new_tokens=6, eos_token_id=fmt.stop_token_ids,
+                         pad_token_id=fmt.pad_id, temperature=None, top_p=None, top_k=None)
+    want = [tok.decode(g, skip_special_tokens=True).strip() for g in gen[:, batch["input_ids"].shape[1]:]]
+    import robust_unlearn.scoring as scoring
+
+    decoded = []
+    real = scoring.greedy_from_cache
+
+    def counting(model, cache, mask, *a):
+        decoded.append(mask.shape[0])
+        return real(model, cache, mask, *a)
+
+    scoring.greedy_from_cache = counting
+    try:
+        for pairs in ([], [(q, "The sky.") for q in qs], [(q, w) for q, w in zip(qs, want)]):  # decoded / forced
+            decoded.clear()
+            _, text = qa_pass(model, fmt, pairs, qs, batch_size=3, max_new_tokens=6)
+            assert [text[q] for q in qs] == want
+        assert sum(decoded) < len(qs)  # the last time, teacher forcing found (some of) them undecoded
+    finally:
+        scoring.greedy_from_cache = real
