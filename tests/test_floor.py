@@ -1,6 +1,10 @@
 """The quantization-bin floor: grid codes against bitsandbytes, the Triton kernel (under
-TRITON_INTERPRET=1, set in conftest) against the torch reference bit for bit, and the guarantee of
-``apply_floor`` checked with bitsandbytes' own quantizers."""
+TRITON_INTERPRET=1, set by the ``interpret`` fixture for the kernel tests only) against the torch
+reference bit for bit, and the guarantee of ``apply_floor`` checked with bitsandbytes' own quantizers
+(on the torch path, as every CPU run outside the kernel tests)."""
+import importlib
+import sys
+
 import pytest
 import torch
 
@@ -25,6 +29,17 @@ def case(shape, dtype, seed=0, step=1e-4, density=0.7):
     wc = (wt.float() + step * torch.randn(shape, generator=g)).to(dtype)
     mask = torch.rand(shape, generator=g) < density
     return wt, wc, mask
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """TRITON_INTERPRET=1 for one kernel test: the Triton kernel runs on the CPU (triton's interpreter).
+    ``triton.jit`` reads the variable when it decorates, so the kernel module is imported (or, if some
+    test imported it without the variable, re-imported) with it set."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mod = sys.modules.get("robust_unlearn.kernels.quant_floor")
+    if mod is not None and type(mod.quant_floor_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(mod)
 
 
 # ---- formats and grid codes -----------------------------------------------------------------------
@@ -60,6 +75,7 @@ def test_codes_match_bitsandbytes_and_rtn():
 # ---- the kernel against the torch reference -------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("formats", FORMAT_SETS)
+@pytest.mark.usefixtures("interpret")
 def test_kernel_pass_matches_reference(dtype, formats):
     for i, shape in enumerate(SHAPES):
         wt, wc, mask = case(shape, dtype, seed=i)
@@ -74,6 +90,7 @@ def test_kernel_pass_matches_reference(dtype, formats):
         assert cnt_t == cnt_r and cnt_t[0] > 0
 
 
+@pytest.mark.usefixtures("interpret")
 def test_kernel_whole_floor_matches_torch_backend():
     wt, wc, mask = case((37, 150), torch.bfloat16, seed=3, step=3e-3)
     a = F.apply_floor(wt, wc, mask, formats=("nf4", "int8", "rtn4-g128"), backend="triton")
@@ -149,6 +166,7 @@ def check_result(wt, wc, mask, res, formats):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("formats", FORMAT_SETS)
+@pytest.mark.usefixtures("interpret")
 def test_apply_floor_flips_every_updated_element(dtype, formats):
     wt, wc, mask = case((37, 150), dtype, seed=1, step=3e-4)
     res = F.apply_floor(wt, wc, mask, formats=formats)
@@ -266,6 +284,7 @@ def test_one_dim_weight_and_errors():
         F.apply_floor(wt, wc, mask, margin=0.7)
 
 
+@pytest.mark.usefixtures("interpret")
 def test_kernel_package_import_path():
     import robust_unlearn.kernels.quant_floor as qf
 
