@@ -1,6 +1,7 @@
 """The command line, in this process (conftest.run_cli): end-to-end runs on the session's tiny model, and
 bad inputs as one-line errors (exit 2)."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,16 @@ def test_help_on_every_subcommand(cache_dir):
     for sub in ([], ["run"], ["evaluate"], ["report"]):
         res = cli(*sub, "--help", cache=cache_dir)
         assert res.returncode == 0 and "usage: robust-unlearn" in res.stdout
+
+
+def test_python_dash_m_entry_point(monkeypatch, capsys):
+    """``python -m robust_unlearn`` (robust_unlearn/__main__.py, what ``accelerate launch -m`` runs)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["robust_unlearn", "report", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("robust_unlearn", run_name="__main__")
+    assert exc.value.code == 0 and "usage: robust-unlearn report" in capsys.readouterr().out
 
 
 def test_run_tiny_end_to_end_then_reuse_cache(tmp_path, tiny_models):
@@ -77,7 +88,7 @@ def test_evaluate_a_checkpoint(tmp_path, tiny_models):
               cache=t.cache)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "forget_quality" in res.stdout and "model_utility" in res.stdout
-    assert {r["model"] for r in rows(tmp_path / "ev")} == {"tgt"}
+    assert {r["model"] for r in rows(tmp_path / "ev")} == {"tgt", "oracle"}  # the oracle: evaluated for forget_quality
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_dir", "missing_field", "bad_split", "no_weights",
