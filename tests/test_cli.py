@@ -30,6 +30,22 @@ def test_help_on_every_subcommand(cache_dir):
         assert res.returncode == 0 and "usage: robust-unlearn" in res.stdout
 
 
+def test_in_process_cli_leaves_no_state_behind(tmp_path):
+    """``main`` points the robust_unlearn logger at the stderr of the moment (and stops propagation),
+    filters warnings and sets environment variables: run_cli puts all of it back, so a later test's
+    caplog still sees the library's warnings."""
+    import logging
+    import os
+    import warnings
+
+    logger = logging.getLogger("robust_unlearn")
+    before = (logger.handlers[:], logger.level, logger.propagate, warnings.filters[:], dict(os.environ), os.getcwd())
+    res = run_cli("-v", "report", "nothere", cache=tmp_path, cwd=tmp_path)
+    assert res.returncode == 2 and "run directory 'nothere' not found" in res.stderr
+    assert (logger.handlers[:], logger.level, logger.propagate, warnings.filters[:], dict(os.environ),
+            os.getcwd()) == before
+
+
 def test_python_dash_m_entry_point(monkeypatch, capsys):
     """``python -m robust_unlearn`` (robust_unlearn/__main__.py, what ``accelerate launch -m`` runs)."""
     import runpy
