@@ -1,11 +1,8 @@
 """`robust-unlearn check`: every problem of a recipe at once (exit 1), offline; every shipped recipe passes."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from robust_unlearn.check import check_recipe
 from robust_unlearn.config import load_recipe
@@ -16,9 +13,7 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
 
 
 def cli(*args, cache):
-    env = dict(os.environ, ROBUST_UNLEARN_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-m", "robust_unlearn.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=600)
+    return run_cli(*args, cache=cache, cwd=REPO)
 
 
 BAD = """\

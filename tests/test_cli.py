@@ -1,12 +1,11 @@
-"""The command line: end-to-end runs on the tiny model, and bad inputs as one-line errors (exit 2)."""
+"""The command line, in this process (conftest.run_cli): end-to-end runs on the session's tiny model, and
+bad inputs as one-line errors (exit 2)."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TOFU_SAMPLE
+from conftest import REPO, TOFU_SAMPLE, run_cli
 
 TINY = ["model.base=tiny", "model.prompt=qa", "finetune.epochs=1", "finetune.precision=fp32",
         "eval.max_new_tokens=8", "unlearn.methods=[]", "sweep.compressions=[none]"]
@@ -18,9 +17,7 @@ FLOW = ["unlearn.methods=[GradDiff,RMU]", "unlearn.steps=2", "unlearn.per_method
 
 
 def cli(*args, cache, cwd=None):
-    env = dict(os.environ, ROBUST_UNLEARN_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-m", "robust_unlearn.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd or REPO, timeout=600)
+    return run_cli(*args, cache=cache, cwd=cwd or REPO)
 
 
 def rows(run_dir: Path):
@@ -33,10 +30,38 @@ def test_help_on_every_subcommand(cache_dir):
         assert res.returncode == 0 and "usage: robust-unlearn" in res.stdout
 
 
-def test_run_tiny_end_to_end_then_reuse_cache(tmp_path, cache_dir):
+def test_in_process_cli_leaves_no_state_behind(tmp_path):
+    """``main`` points the robust_unlearn logger at the stderr of the moment (and stops propagation),
+    filters warnings and sets environment variables: run_cli puts all of it back, so a later test's
+    caplog still sees the library's warnings."""
+    import logging
+    import os
+    import warnings
+
+    logger = logging.getLogger("robust_unlearn")
+    before = (logger.handlers[:], logger.level, logger.propagate, warnings.filters[:], dict(os.environ), os.getcwd())
+    res = run_cli("-v", "report", "nothere", cache=tmp_path, cwd=tmp_path)
+    assert res.returncode == 2 and "run directory 'nothere' not found" in res.stderr
+    assert (logger.handlers[:], logger.level, logger.propagate, warnings.filters[:], dict(os.environ),
+            os.getcwd()) == before
+
+
+def test_python_dash_m_entry_point(monkeypatch, capsys):
+    """``python -m robust_unlearn`` (robust_unlearn/__main__.py, what ``accelerate launch -m`` runs)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["robust_unlearn", "report", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("robust_unlearn", run_name="__main__")
+    assert exc.value.code == 0 and "usage: robust-unlearn report" in capsys.readouterr().out
+
+
+def test_run_tiny_end_to_end_then_reuse_cache(tmp_path, tiny_models):
+    """`run` on the session's tiny target and oracle: fine-tuned by the same cached code path `run` calls,
+    so here both come from the cache."""
     out = tmp_path / "run"
-    res = cli("-v", "run", *TINY, *FLOW, "data.num_authors=6", "data.qa_per_author=3", "data.forget_split=forget34",
-              "--out", out, cache=cache_dir)
+    args = ["-v", "run", *tiny_models.overrides, "eval.max_new_tokens=8", *FLOW, "--out", out]
+    res = cli(*args, cache=tiny_models.cache)
     assert res.returncode == 0, res.stderr[-2000:]
     got = rows(out)
     assert {r["model"] for r in got} == {"target", "oracle", "GradDiff", "RMU"}
@@ -50,11 +75,14 @@ def test_run_tiny_end_to_end_then_reuse_cache(tmp_path, cache_dir):
         assert ("target", name) in metrics
     assert metrics[("oracle", "forget_quality")] == pytest.approx(1.0)
     assert (out / "report.md").read_text().count("| target |") >= 1
+    info = json.loads((out / "run.json").read_text())
+    assert info["models"]["target"] == tiny_models.target and info["models"]["oracle"] == tiny_models.oracle
+    assert info["command"].startswith("robust-unlearn -v run model.base=tiny")
     # second run: models come from the cache, cells from the ledger
-    res2 = cli("-v", "run", *TINY, *FLOW, "data.num_authors=6", "data.qa_per_author=3", "data.forget_split=forget34",
-               "--out", out, cache=cache_dir)
+    res2 = cli(*args, cache=tiny_models.cache)
     assert res2.returncode == 0
     assert "reusing cached checkpoint" in res2.stderr and "fine-tune" not in res2.stderr.replace("reusing", "")
+    assert "evaluated in" not in res2.stderr
     assert len(rows(out)) == len(got)  # nothing duplicated
 
 
@@ -69,22 +97,20 @@ def test_run_on_real_tofu_sample_subset(tmp_path, cache_dir):
     assert "forget10_perturbed.json" in res.stderr and ("target", "forget_quality") not in got
 
 
-def test_evaluate_a_checkpoint(tmp_path, cache_dir):
-    out = tmp_path / "run"
-    assert cli("run", *TINY, "data.num_authors=4", "data.qa_per_author=2", "data.forget_split=forget25",
-               "--out", out, cache=cache_dir).returncode == 0
-    info = json.loads((out / "run.json").read_text())
-    res = cli("evaluate", info["models"]["target"], *TINY, "data.num_authors=4", "data.qa_per_author=2",
-              "data.forget_split=forget25", "--oracle", info["models"]["oracle"], "--label", "tgt",
-              "--out", tmp_path / "ev", cache=cache_dir)
+def test_evaluate_a_checkpoint(tmp_path, tiny_models):
+    t = tiny_models
+    res = cli("evaluate", t.target, *TINY, "data.num_authors=4", "data.qa_per_author=4", "data.forget_split=forget25",
+              "data.train_utility=false", "--oracle", t.oracle, "--label", "tgt", "--out", tmp_path / "ev",
+              cache=t.cache)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "forget_quality" in res.stdout and "model_utility" in res.stdout
+    assert {r["model"] for r in rows(tmp_path / "ev")} == {"tgt", "oracle"}  # the oracle: evaluated for forget_quality
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_dir", "missing_field", "bad_split", "no_weights",
                                   "bad_recipe_file", "bad_type", "unknown_method", "unknown_compression",
                                   "nan_loss"])
-def test_bad_input_is_one_line_exit_2(case, tmp_path, cache_dir):
+def test_bad_input_is_one_line_exit_2(case, tmp_path, cache_dir, request):
     args = {
         "unknown_key": ["run", "data.nmae=tofu"],
         "missing_dir": ["run", "data.name=tofu", f"data.path={tmp_path / 'missing'}"],
@@ -95,10 +121,11 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, cache_dir):
         "bad_type": ["run", "finetune.lr=fast"],
         "unknown_method": ["unlearn", *TINY, "--methods", "GradDiff,GradAscentX"],
         "unknown_compression": ["run", "sweep.compressions=[none,nf3]"],
-        "nan_loss": ["unlearn", *TINY, "data.num_authors=4", "data.qa_per_author=2", "data.forget_split=forget25",
-                     "unlearn.lr=1e4", "unlearn.grad_clip=0", "unlearn.steps=60", "--methods", "GA",
+        "nan_loss": ["unlearn", "unlearn.lr=1e4", "unlearn.grad_clip=0", "unlearn.steps=60", "--methods", "GA",
                      "--out", tmp_path / "nan"],
     }[case]
+    if case == "nan_loss":  # the session's tiny target (cached): only the diverging unlearning runs
+        args[1:1] = request.getfixturevalue("tiny_models").overrides
     if case == "missing_field":
         (tmp_path / "forget10.json").write_text('{"question": "Who?", "answer": "Me."}\n{"answer": "x"}\n')
         (tmp_path / "retain90.json").write_text('{"question": "Who?", "answer": "Me."}\n')
@@ -127,20 +154,14 @@ ROW = {"model": "target", "method": "none", "compression": "none", "split": "for
        "value": 0.5, "ckpt": "c", "eval": "e"}
 
 
-def main_rc(capsys, *args):
+def main_rc(*args):
     """``robust-unlearn ARGS`` in this process -> (exit code, stdout, stderr lines that are not blank)."""
-    from robust_unlearn.cli import main
-
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as exc:  # argparse's usage errors
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, [line for line in err.splitlines() if line.strip()]
+    res = run_cli(*args)
+    return res.returncode, res.stdout, [line for line in res.stderr.splitlines() if line.strip()]
 
 
-def one_error_line(capsys, *args) -> str:
-    rc, _, err = main_rc(capsys, *args)
+def one_error_line(*args) -> str:
+    rc, _, err = main_rc(*args)
     assert rc == 2, err
     assert len(err) == 1 and err[0].startswith("robust-unlearn") and ": error: " in err[0], err
     return err[0]
@@ -214,36 +235,36 @@ BAD_INPUTS = {  # args -> what the one error line must say
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_new_user_bad_input_is_one_line_exit_2(case, play, capsys):
+def test_new_user_bad_input_is_one_line_exit_2(case, play):
     args, expect = BAD_INPUTS[case]
     before = sorted(p.relative_to(play) for p in play.rglob("*"))
-    assert expect in one_error_line(capsys, *args)
+    assert expect in one_error_line(*args)
     assert (play / "afile").read_text() == "keep me\n"
     assert sorted(p.relative_to(play) for p in play.rglob("*")) == before  # nothing created: no work was done
 
 
-def test_report_on_a_ledger_whose_only_line_is_torn(play, capsys):
+def test_report_on_a_ledger_whose_only_line_is_torn(play):
     ledger = play / "adir" / "results.jsonl"
     ledger.write_bytes(b'{"model": "tar')
-    rc, _, err = main_rc(capsys, "report", "adir")
+    rc, _, err = main_rc("report", "adir")
     assert rc == 2 and len(err) == 2, err
     assert err[0].startswith("robust-unlearn: warning:") and f"{Path('adir', 'results.jsonl')} line 1: torn" in err[0]
     assert err[1].startswith("robust-unlearn: error: ledger") and "no valid rows (1 torn" in err[1]
     assert ledger.read_bytes() == b'{"model": "tar' and not (play / "adir" / "report.md").exists()
 
 
-def test_report_on_an_empty_ledger(play, capsys):
+def test_report_on_an_empty_ledger(play):
     (play / "adir" / "results.jsonl").write_text("")
-    assert "no valid rows (the file is empty" in one_error_line(capsys, "report", "adir")
+    assert "no valid rows (the file is empty" in one_error_line("report", "adir")
 
 
-def test_report_skips_bad_lines_with_a_warning_each_and_keeps_the_rest(play, capsys):
+def test_report_skips_bad_lines_with_a_warning_each_and_keeps_the_rest(play):
     ledger = play / "adir" / "results.jsonl"
     data = (json.dumps(ROW) + "\ngarbage\n[1, 2]\n" + json.dumps(dict(ROW, compression="nf4")) + "\n"
             + '{"model": "oracle"}\n' + json.dumps(ROW)[:20])
     ledger.write_text(data)
     (play / "adir" / "run.json").write_text('{"name": ')  # cut short too
-    rc, out, err = main_rc(capsys, "report", "adir")
+    rc, out, err = main_rc("report", "adir")
     assert rc == 0, err
     assert all(line.startswith("robust-unlearn: warning:") for line in err)
     where = [line.split(": ")[2].split(" line ")[-1].split(":")[0] for line in err if " line " in line]

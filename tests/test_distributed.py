@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_unlearn import pipeline
 from robust_unlearn.config import load_recipe
-from robust_unlearn.data import load_benchmark, target_texts
-from robust_unlearn.models import load_model, read_metadata, resolve_base
+from robust_unlearn.models import load_model, read_metadata
 from robust_unlearn.robust.floor import verify_flips
 
-from test_methods import TINY, probs
+from test_methods import probs
 from test_robust import ROBUST
+
+pytestmark = pytest.mark.slow  # several processes (accelerate launch, DeepSpeed), each loading torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -34,15 +34,13 @@ PARITY = ["unlearn.batch_size=4", "unlearn.per_method.Robust_GradDiff.steps=8",
 
 
 @pytest.fixture(scope="module")
-def setup(cache_dir, tmp_path_factory):
-    torch.set_num_threads(1)
-    overrides = TINY + ROBUST + PARITY + [f"cache_dir={cache_dir / 'methods'}"]
+def setup(tiny_models, tmp_path_factory):
+    """The session's tiny fine-tuned target (conftest.tiny_models), with ROBUST's and PARITY's settings."""
+    overrides = tiny_models.overrides + ROBUST + PARITY
     cfg = load_recipe(None, overrides)
-    bench = load_benchmark(cfg)
-    base = resolve_base("tiny", cache_dir / "methods", target_texts(bench), 0)
-    target, _ = pipeline.finetune_cached(cfg, bench, "target", base)
+    bench = tiny_models.bench
     assert len(bench["forget"]) % 4 == 0 and len(bench["train_oracle"]) % 4 == 0
-    return cfg, bench, str(target), overrides, tmp_path_factory.mktemp("dist")
+    return cfg, bench, tiny_models.target, overrides, tmp_path_factory.mktemp("dist")
 
 
 def _cmd(launch: list[str], overrides: list[str], target: str, method: str, out: Path) -> list[str]:

@@ -8,39 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from robust_unlearn import pipeline
+from conftest import TINY
+
 from robust_unlearn.config import load_recipe
-from robust_unlearn.data import load_benchmark, target_texts
 from robust_unlearn.data.collate import formatter_for
 from robust_unlearn.errors import TrainingDiverged, UserError
 from robust_unlearn.metrics.tofu import Evaluator
-from robust_unlearn.models import load_model, read_metadata, resolve_base
+from robust_unlearn.models import load_model, read_metadata
 from robust_unlearn.unlearn import Reference, unlearn
 
-TINY = ["model.base=tiny", "model.prompt=qa", "data.num_authors=4", "data.qa_per_author=4",
-        "data.forget_split=forget25", "data.train_utility=false", "finetune.precision=fp32", "finetune.lr=3e-3",
-        "finetune.epochs=40", "finetune.batch_size=4", "finetune.freeze_embeddings=false",
-        "sweep.compressions=[none]", "unlearn.lr=5e-4", "unlearn.steps=null", "unlearn.epochs=20", "unlearn.alpha=5",
-        "unlearn.precision=fp32", "unlearn.stop_forget_prob=null",
-        # RMU on a 2-layer model: steer the last layer, train all MLP projections
-        "unlearn.rmu_layer=1", "unlearn.per_method.RMU.steps=null", "unlearn.per_method.RMU.precision=fp32",
-        r"unlearn.per_method.RMU.rmu_params=model\.layers\.(0|1)\.mlp\.(down|up|gate)_proj\.weight",
-        "unlearn.per_method.RMU.lr=2e-3", "unlearn.per_method.RMU.alpha=10", "unlearn.per_method.RMU.rmu_steering=5",
-        "unlearn.per_method.SimNPO.lr=2e-3", "unlearn.per_method.SimNPO.alpha=5", "unlearn.per_method.SimNPO.simnpo_beta=4.5",
-        "unlearn.per_method.GA.epochs=10", "unlearn.per_method.NPO.epochs=10",
-        # the recipe's GradDiff settings are for SmolLM2 (lr 1.5e-4, early stop at 0.12): TINY's instead
-        "unlearn.per_method.GradDiff.lr=5e-4", "unlearn.per_method.GradDiff.stop_forget_prob=null"]
 RETAIN_TERM = {"GradDiff", "GA_KLR", "NPO_GDR", "NPO_KLR", "SimNPO", "RMU"}
 
 
 @pytest.fixture(scope="module")
-def setup(cache_dir, tmp_path_factory):
-    torch.set_num_threads(1)
-    cfg = load_recipe(None, TINY + [f"cache_dir={cache_dir / 'methods'}"])
-    bench = load_benchmark(cfg)
-    base = resolve_base("tiny", cache_dir / "methods", target_texts(bench), 0)
-    target, key = pipeline.finetune_cached(cfg, bench, "target", base)
-    return cfg, bench, str(target), key, Reference(str(target)), tmp_path_factory.mktemp("unlearned")
+def setup(tiny_models, tmp_path_factory):
+    """The session's tiny fine-tuned target (conftest.tiny_models)."""
+    t = tiny_models
+    return t.cfg, t.bench, t.target, t.target_key, Reference(t.target), tmp_path_factory.mktemp("unlearned")
 
 
 def probs(cfg, bench, path):

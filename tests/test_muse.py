@@ -2,14 +2,11 @@
 on the fixed-logit model, and a tiny end-to-end run (fine-tune, unlearn, sweep, report)."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from bench_fixtures import split_file, write_muse, write_parquet
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from robust_unlearn.config import load_recipe
 from robust_unlearn.data import load_benchmark
@@ -115,9 +112,7 @@ def test_metrics_by_hand(fixed_model):
 
 
 def cli(*args, cache):
-    env = dict(os.environ, ROBUST_UNLEARN_CACHE=str(cache), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "robust_unlearn.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=900)
+    return run_cli(*args, cache=cache, cwd=REPO)
 
 
 TINY = ["model.base=tiny", "model.prompt=qa", "model.max_length=96", "finetune.epochs=2", "finetune.precision=fp32",

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from robust_unlearn import pipeline
+from conftest import TINY, run_cli
+
 from robust_unlearn.compress import compressible_linears
 from robust_unlearn.config import load_recipe
-from robust_unlearn.data import load_benchmark, target_texts
 from robust_unlearn.metrics.weights import audit
-from robust_unlearn.models import load_model, read_metadata, resolve_base
+from robust_unlearn.models import load_model, read_metadata
 from robust_unlearn.robust.floor import verify_flips
 from robust_unlearn.robust.saliency import prune_threshold
 from robust_unlearn.unlearn import Reference, unlearn
 
-from test_methods import TINY, probs
+from test_methods import probs
 
 ROBUST = ["unlearn.sure_percentile=50", "unlearn.robust_topk=0.2", "unlearn.robust_floor=[nf4,int8]",
           "unlearn.robust_nullspace=4", "unlearn.per_method.SURE_NPO_KLR.epochs=10",
@@ -39,13 +39,11 @@ ROBUST = ["unlearn.sure_percentile=50", "unlearn.robust_topk=0.2", "unlearn.robu
 
 
 @pytest.fixture(scope="module")
-def setup(cache_dir, tmp_path_factory):
-    torch.set_num_threads(1)
-    cfg = load_recipe(None, TINY + ROBUST + [f"cache_dir={cache_dir / 'methods'}"])
-    bench = load_benchmark(cfg)
-    base = resolve_base("tiny", cache_dir / "methods", target_texts(bench), 0)
-    target, key = pipeline.finetune_cached(cfg, bench, "target", base)
-    return cfg, bench, str(target), key, Reference(str(target)), tmp_path_factory.mktemp("robust")
+def setup(tiny_models, tmp_path_factory):
+    """The session's tiny fine-tuned target (conftest.tiny_models), with ROBUST's settings."""
+    t = tiny_models
+    cfg = load_recipe(None, t.overrides + ROBUST)
+    return cfg, t.bench, t.target, t.target_key, Reference(t.target), tmp_path_factory.mktemp("robust")
 
 
 def _weights(path):
@@ -116,17 +114,15 @@ def test_audit_reports_per_module_type(setup):
     assert all(np.isnan(r["flip_rate"]) for r in rows.values() if r["frac_changed"] == 0)
 
 
-def test_audit_command_prints_the_table_side_by_side(setup, capsys, tmp_path):
-    from robust_unlearn.cli import main
-
+def test_audit_command_prints_the_table_side_by_side(setup, tmp_path):
     cfg, bench, target, key, ref, out = setup
     robust = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
     sure = unlearn(cfg, bench, target, key, "SURE_GradDiff", out, ref)
-    assert main(["audit", target, f"robust={robust}", f"sure={sure}", "--json", str(tmp_path / "a.json")]) == 0
-    text = capsys.readouterr().out
-    assert "| robust | " in text and "| sure | " in text and "NF4 flip rate" in text
-    assert main(["audit", target, str(tmp_path / "missing")]) == 2
-    assert "missing" in capsys.readouterr().err
+    res = run_cli("audit", target, f"robust={robust}", f"sure={sure}", "--json", tmp_path / "a.json")
+    assert res.returncode == 0, res.stderr
+    assert "| robust | " in res.stdout and "| sure | " in res.stdout and "NF4 flip rate" in res.stdout
+    res = run_cli("audit", target, tmp_path / "missing")
+    assert res.returncode == 2 and "missing" in res.stderr
 
 
 def test_floor_inside_the_loop_keeps_the_guarantee(setup):

@@ -6,6 +6,8 @@ from robust_unlearn.data.collate import QAFormatter
 from robust_unlearn.metrics.tofu import Evaluator
 from robust_unlearn.models import load_model, smollm2_base
 
+pytestmark = pytest.mark.slow  # the real 135M model: GGUF -> safetensors, then generation
+
 
 @pytest.fixture(scope="module")
 def smollm(cache_dir):

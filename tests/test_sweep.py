@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from robust_unlearn.ledger import Ledger
 
-TINY = ["model.base=tiny", "model.prompt=qa", "finetune.epochs=1", "finetune.precision=fp32", "eval.max_new_tokens=8"]
-DATA = ["data.num_authors=4", "data.qa_per_author=2", "data.forget_split=forget25"]  # as test_cli: cache reused
-EVAL = ["model.prompt=qa", "eval.max_new_tokens=4", "data.limit=3", *DATA]
+# the data of the session's tiny target and oracle (conftest.tiny_models), 3 rows a split
+EVAL = ["model.prompt=qa", "eval.max_new_tokens=4", "data.limit=3", "data.num_authors=4", "data.qa_per_author=4",
+        "data.forget_split=forget25", "data.train_utility=false"]
 COLUMNS = "none,int8,prune20"
 
 
@@ -25,8 +25,7 @@ def _env(cache):
 
 
 def cli(*args, cache):
-    return subprocess.run([sys.executable, "-m", "robust_unlearn.cli", *map(str, args)], capture_output=True,
-                          text=True, env=_env(cache), cwd=REPO, timeout=600)
+    return run_cli(*args, cache=cache)
 
 
 def lines(path: Path) -> list[str]:
@@ -38,18 +37,9 @@ def cells(path: Path) -> set[tuple]:
 
 
 @pytest.fixture(scope="module")
-def models(cache_dir):
-    """A tiny fine-tuned target and retain oracle, as `run` makes them (cached fine-tunes)."""
-    from robust_unlearn.config import load_recipe
-    from robust_unlearn.data import load_benchmark
-    from robust_unlearn.models import resolve_base
-    from robust_unlearn.pipeline import finetune_cached
-
-    cfg = load_recipe(None, [*TINY, *DATA, f"cache_dir={cache_dir}"])
-    bench = load_benchmark(cfg)
-    texts = [t for r in bench["train_target"] for t in (r["question"], r["answer"])]
-    base = resolve_base("tiny", cache_dir, texts, cfg["seed"])
-    return {role: str(finetune_cached(cfg, bench, role, base)[0]) for role in ("target", "oracle")}
+def models(tiny_models):
+    """The session's tiny fine-tuned target and retain oracle (conftest.tiny_models), as `run` makes them."""
+    return {"target": tiny_models.target, "oracle": tiny_models.oracle}
 
 
 def sweep_args(models, out, columns=COLUMNS):
@@ -73,6 +63,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_ledger(models, tmp_path, cach
 
     killed = tmp_path / "killed"
     ledger = killed / "results.jsonl"
+    # a separate process: it is SIGKILLed mid-sweep
     proc = subprocess.Popen([sys.executable, "-m", "robust_unlearn.cli", *map(str, sweep_args(models, killed))],
                             env=_env(cache_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

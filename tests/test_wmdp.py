@@ -1,15 +1,12 @@
 """WMDP: the loaders on fixtures in the hub's layout (questions, corpora, wikitext) and on the local MMLU
 CSVs, the multiple-choice scoring against a brute-force computation, and a tiny end-to-end run."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from bench_fixtures import split_file, write_parquet, write_wmdp
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, run_cli
 
 from robust_unlearn.config import load_recipe
 from robust_unlearn.data import load_benchmark
@@ -113,9 +110,7 @@ def test_loglik_is_the_sum_of_continuation_log_probs(tiny, two_token_letters):
 
 
 def cli(*args, cache):
-    env = dict(os.environ, ROBUST_UNLEARN_CACHE=str(cache), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "robust_unlearn.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=900)
+    return run_cli(*args, cache=cache, cwd=REPO)
 
 
 def test_tiny_end_to_end_unlearn_sweep_report(wmdp_dirs, tmp_path, cache_dir):
