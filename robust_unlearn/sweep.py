@@ -104,7 +104,9 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
             sp = stats_path(run_dir, label, ckpt_id, eval_id, comp)
             done = [r for r in ledger.rows() if (r["model"], r["ckpt"], r["eval"], r["compression"]) == key]
             has_ref = any(r["metric"] == suite.reference_metric for r in done)
-            if done and sp.is_file() and (ref is None or has_ref or _no_reference(suite, sp)):
+            # every row a cell wrote (an append cut short by a kill leaves the first rows only)
+            whole = len({r["metric"] for r in done}) >= max((r.get("cell_rows", 0) for r in done), default=0)
+            if done and whole and sp.is_file() and (ref is None or has_ref or _no_reference(suite, sp)):
                 log.info("%s / %s: already in the ledger (%d rows), skipped", label, comp, len(done))
                 if comp in compressions:
                     out[(label, comp)] = ({r["metric"]: r["value"] for r in done}, sp)
@@ -120,7 +122,7 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
             save_stats(sp, per)
             rows = [{"model": label, "method": method, "compression": comp, "split": split_of(name),
                      "metric": name, "value": value, "ckpt": ckpt_id, "eval": eval_id, "precision": precision,
-                     "checkpoint": path} for name, value in metrics.items()]
+                     "checkpoint": path, "cell_rows": len(metrics)} for name, value in metrics.items()]
             written = ledger.append(rows)
             log.info("%s / %s: evaluated in %.1fs (%d rows)", label, comp, time.time() - t0, written)
             if comp in compressions:

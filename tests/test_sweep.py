@@ -92,6 +92,23 @@ def test_killed_sweep_resumes_to_the_uninterrupted_ledger(models, tmp_path, cach
     assert [json.loads(x) for x in lines(ledger)] == want
 
 
+def test_a_cell_missing_its_last_rows_is_evaluated_again(models, tmp_path, cache_dir):
+    """A kill inside a cell's append leaves its first rows and a torn fragment: on resume the cell is
+    not taken as done (each row records how many rows its cell has), and only its missing rows go in."""
+    out = tmp_path / "cut"
+    assert cli(*sweep_args(models, out, "none"), cache=cache_dir).returncode == 0
+    ledger = out / "results.jsonl"
+    want = lines(ledger)
+    assert all(json.loads(x)["cell_rows"] == sum(1 for y in want if json.loads(y)["model"] == json.loads(x)["model"])
+               for x in want)
+    ledger.write_text("\n".join(want[:-2]) + "\n" + want[-2][:10])  # the last cell lost a row, one torn
+    res = cli(*sweep_args(models, out, "none"), cache=cache_dir)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "tgt / none: evaluated in" in res.stderr and "oracle / none: already in the ledger" in res.stderr
+    got = [json.loads(x) for x in lines(ledger)]
+    assert sorted(got, key=lambda r: (r["model"], r["metric"])) == sorted(map(json.loads, want), key=lambda r: (r["model"], r["metric"]))
+
+
 def test_ledger_drops_a_torn_tail_and_appends_in_one_write(tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
     rows = [{"model": "m", "method": "none", "compression": c, "split": "forget", "metric": "forget_Q_A_Prob",
