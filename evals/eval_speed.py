@@ -1,5 +1,5 @@
 """Evaluation speed, before and after, measured in one run: one checkpoint under each column, with
-the evaluator as it was (each split scored on its own, ``scoring.shared_prompt_nll`` per batch of
+the evaluator as it was (each split scored on its own, the old ``scoring.shared_prompt_nll`` per batch of
 about ``eval.batch_size`` answers, and every split's greedy answers from ``model.generate``) and as
 it is (``metrics.tofu.Evaluator.evaluate``: one ``scoring.qa_pass`` in which each prompt is run once
 for its answer variants and its greedy answer, and an answer that teacher forcing shows greedy
@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from robust_unlearn.compress import get_compression
 from robust_unlearn.config import load_recipe
@@ -27,7 +28,48 @@ from robust_unlearn.data.collate import collate_prompts
 from robust_unlearn.metrics import suite_for
 from robust_unlearn.metrics.tofu import PREFIX, SplitStats, forget_quality, truth_ratio_aggregate
 from robust_unlearn.models import load_model
-from robust_unlearn.scoring import shared_prompt_nll
+from robust_unlearn.data.collate import IGNORE
+
+
+@torch.no_grad()
+def legacy_shared_prompt_nll(model, prompts, answers, pad_id):
+    """``scoring.shared_prompt_nll`` as it was before issue 11: one left-padded pass over the prompts,
+    their cache reordered to the answers, one pass over all the answers."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    left = collate_prompts(prompts, pad_id)  # left-padded: every prompt ends at the last position
+    ids, mask = left["input_ids"].to(device), left["attention_mask"].to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    first_logits = out.logits[:, -1].float()  # predicts each answer's first token
+    owner = [i for i, group in enumerate(answers) for _ in group]
+    flat = [a for group in answers for a in group]
+    idx = torch.tensor(owner, device=device)
+    cache = out.past_key_values
+    cache.reorder_cache(idx)
+    a_width = max(len(a) for a in flat)
+    a_ids = torch.full((len(flat), a_width), pad_id, dtype=torch.long, device=device)
+    a_mask = torch.zeros((len(flat), a_width), dtype=torch.long, device=device)
+    for j, a in enumerate(flat):
+        a_ids[j, : len(a)] = torch.tensor(a)
+        a_mask[j, : len(a)] = 1
+    a_pos = mask[idx].sum(1, keepdim=True) + torch.arange(a_width, device=device)
+    logits = model(input_ids=a_ids, attention_mask=torch.cat([mask[idx], a_mask], 1), position_ids=a_pos,
+                   past_key_values=cache, use_cache=True).logits.float()
+    # position t of the answer predicts token t + 1; the prompt's last position predicts token 0
+    logits = torch.cat([first_logits[idx].unsqueeze(1), logits[:, :-1]], 1)
+    target = a_ids.masked_fill(a_mask == 0, IGNORE)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view(target.shape)
+    sums, counts = (nll * a_mask).sum(1).tolist(), a_mask.sum(1).tolist()
+    res, j = [], 0
+    for group in answers:
+        res.append([(sums[j + k], counts[j + k]) for k in range(len(group))])
+        j += len(group)
+    return res
 
 
 class LegacyEvaluator:
@@ -56,7 +98,7 @@ class LegacyEvaluator:
             prompts = [self.fmt.prompt_ids(q) for q in qs]
             room = [max(1, self.fmt.max_length - len(p)) for p in prompts]
             answers = [[self.fmt.answer_ids(pairs[i][1])[:r] for i in groups[q]] for q, r in zip(qs, room)]
-            for q, group in zip(qs, shared_prompt_nll(model, prompts, answers, self.fmt.pad_id)):
+            for q, group in zip(qs, legacy_shared_prompt_nll(model, prompts, answers, self.fmt.pad_id)):
                 for i, (total, count) in zip(groups[q], group):
                     out[i] = total / max(count, 1)
         return out

@@ -71,43 +71,8 @@ def shared_prompt_nll(model, prompts: list[list[int]], answers: list[list[list[i
 
     -> per prompt, per answer: (sum of token NLLs, number of tokens). Inference only.
     """
-    from transformers import DynamicCache
-
-    from .data.collate import collate_prompts
-
-    device = next(model.parameters()).device
-    left = collate_prompts(prompts, pad_id)  # left-padded: every prompt ends at the last position
-    ids, mask = left["input_ids"].to(device), left["attention_mask"].to(device)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    first_logits = out.logits[:, -1].float()  # predicts each answer's first token
-    owner = [i for i, group in enumerate(answers) for _ in group]
-    flat = [a for group in answers for a in group]
-    idx = torch.tensor(owner, device=device)
-    cache = out.past_key_values
-    cache.reorder_cache(idx)
-    a_width = max(len(a) for a in flat)
-    a_ids = torch.full((len(flat), a_width), pad_id, dtype=torch.long, device=device)
-    a_mask = torch.zeros((len(flat), a_width), dtype=torch.long, device=device)
-    for j, a in enumerate(flat):
-        a_ids[j, : len(a)] = torch.tensor(a)
-        a_mask[j, : len(a)] = 1
-    a_pos = mask[idx].sum(1, keepdim=True) + torch.arange(a_width, device=device)
-    logits = model(input_ids=a_ids, attention_mask=torch.cat([mask[idx], a_mask], 1), position_ids=a_pos,
-                   past_key_values=cache, use_cache=True).logits.float()
-    # position t of the answer predicts token t + 1; the prompt's last position predicts token 0
-    logits = torch.cat([first_logits[idx].unsqueeze(1), logits[:, :-1]], 1)
-    target = a_ids.masked_fill(a_mask == 0, IGNORE)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                          reduction="none").view(target.shape)
-    sums, counts = (nll * a_mask).sum(1).tolist(), a_mask.sum(1).tolist()
-    res, j = [], 0
-    for group in answers:
-        res.append([(sums[j + k], counts[j + k]) for k in range(len(group))])
-        j += len(group)
-    return res
+    return score_and_generate(model, prompts, answers, [False] * len(prompts), pad_id, [], 0,
+                              batch_size=max(1, sum(len(g) for g in answers)), prompt_batch=max(1, len(prompts)))[0]
 
 
 @torch.no_grad()
