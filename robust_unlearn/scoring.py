@@ -67,7 +67,8 @@ def shared_prompt_nll(model, prompts: list[list[int]], answers: list[list[list[i
     perturbed answers): each prompt is run once, its key/value cache is copied to its answers, and
     only the answer tokens are run again. Exact (positions continue from the prompt; left padding
     is masked), up to float rounding; about 2x fewer tokens than scoring every pair in full on the
-    built-in benchmark, whose chat prompts are longer than its answers.
+    built-in benchmark, whose chat prompts are longer than its answers. All prompts and answers in one
+    batch each: :func:`score_and_generate` without generation.
 
     -> per prompt, per answer: (sum of token NLLs, number of tokens). Inference only.
     """
