@@ -103,6 +103,40 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .config import load_recipe
+    from .pipeline import study, study_cells
+
+    _one_process("study")
+    recipe, overrides = _split_recipe_and_overrides(args.items)
+    cfg = load_recipe(recipe, overrides)
+    seeds = [_int(x, "--seeds") for x in _names(args.seeds, "--seeds", "0,1,2")]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds '{args.seeds}' names a seed twice (expected distinct whole numbers, e.g. 0,1,2)")
+    splits = _names(args.forget_splits, "--forget-splits", "forget10,forget30") if args.forget_splits else \
+        [cfg["data"]["forget_split"]]
+    from .data.benchmarks import benchmark_of
+
+    for split, seed, sub in study_cells(cfg, seeds[:1], splits):  # each cell's data is valid, before any work
+        bench = benchmark_of(sub)
+        if bench.check is not None:
+            problems, _ = bench.check(dict(sub["data"], seed=seed), sub)
+            if problems:
+                raise UserError(f"--forget-splits {split}: {problems[0]}")
+    out = args.out if args.out is not None else os.path.join("runs", f"{cfg['name']}-study")
+    _check_out_dir(out, "--out", expected="a new or existing study directory")
+    study_dir = study(cfg, seeds, splits, out, command="robust-unlearn " + shlex.join(sys.argv[1:]))
+    print((study_dir / "report.md").read_text())
+    return 0
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{what}: '{text}' is not a whole number (expected e.g. 0,1,2)") from None
+
+
 def _print_verdict(run_dir) -> None:
     """The end of ``run``: the verdict table, the run's wall time and where everything is."""
     import json
@@ -179,7 +213,7 @@ def cmd_evaluate(args) -> int:
 def cmd_unlearn(args) -> int:
     from .config import load_recipe
     from .data import load_benchmark
-    from .pipeline import target_checkpoint
+    from .pipeline import needs_oracle, oracle_checkpoint, target_checkpoint
     from .unlearn import unlearn_all
 
     recipe, overrides = _split_recipe_and_overrides(args.items)
@@ -198,11 +232,14 @@ def cmd_unlearn(args) -> int:
             check_model_dir(args.target)
     bench = load_benchmark(cfg)
     target, target_id = target_checkpoint(cfg, bench, args.target)
-    done = unlearn_all(cfg, bench, target, target_id, out, methods)
+    oracle = oracle_checkpoint(cfg, bench) if needs_oracle(cfg, methods) else None  # stop_forget_prob: oracle
+    collapsed: dict[str, str] = {}
+    done = unlearn_all(cfg, bench, target, target_id, out, methods, oracle=oracle[0] if oracle else None,
+                       collapsed=collapsed)
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch: once, from the main process
         for method, path in done.items():
             print(f"{method}\t{path}")
-    return 0
+    return 2 if collapsed else 0  # each collapse was said in one line (unlearn_all's warning)
 
 
 def _sweep_checkpoints(items: list[str], labels: str | None, oracle: str | None) -> tuple[list[tuple], list[str]]:
@@ -337,6 +374,12 @@ def cmd_report(args) -> int:
         raise UserError(f"'{run_dir}' is a file, not a run directory (expected the --out of a run, "
                         "which holds results.jsonl)")
     ledger_path = os.path.join(run_dir, "results.jsonl")
+    from .report import STUDY_FILE, write_study_report
+
+    if not os.path.isfile(ledger_path) and os.path.isfile(os.path.join(run_dir, STUDY_FILE)):
+        _check_out_dir(run_dir, "study directory")
+        print(write_study_report(run_dir).read_text())
+        return 0
     if not os.path.isfile(ledger_path):
         raise UserError(f"run directory '{run_dir}' has no results.jsonl (expected the --out of a run)")
     ledger = Ledger(ledger_path)
@@ -364,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe YAML file (optional) followed by dotted key=value overrides")
     r.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("study", help="run a recipe over seeds x forget splits; report means with 95%% intervals",
+                        epilog=EPILOG, description="Each (forget split, seed) is a whole run (target, oracle, "
+                        "unlearning, sweep) into OUT/<split>/seed<k>; OUT/report.md lists every run's values and, "
+                        "over seeds, each model's mean with its 95%% t-interval and range. A seed changes the built-in "
+                        "benchmark's authors. Finished cells are reused, so an interrupted study resumes.")
+    st.add_argument("items", nargs="*", metavar="RECIPE_OR_KEY=VALUE",
+                    help="a recipe YAML file (optional) followed by dotted key=value overrides")
+    st.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    st.add_argument("--forget-splits", help="comma-separated forget splits, e.g. forget10,forget30 "
+                    "(default: the recipe's data.forget_split)")
+    st.add_argument("--out", help="study directory (default: runs/<recipe name>-study)")
+    st.set_defaults(func=cmd_study)
 
     c = sub.add_parser("check", help="validate a recipe offline and list every problem", epilog=EPILOG,
                        description="Check a recipe without training or downloading anything: unknown keys, value "
@@ -437,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the list that positionals after an option (``run --out DIR key=value``) join; argparse alone rejects them
-_REST = {"run": "items", "check": "items", "unlearn": "items", "sweep": "items", "evaluate": "overrides",
+_REST = {"run": "items", "study": "items", "check": "items", "unlearn": "items", "sweep": "items", "evaluate": "overrides",
          "audit": "checkpoints"}
 
 

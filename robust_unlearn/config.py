@@ -90,8 +90,12 @@ DEFAULTS: dict[str, Any] = {
         "rmu_layer": 7,            # RMU (Li et al. 2024): steered layer
         "rmu_params": "model\\.layers\\.(5|6|7)\\.mlp\\.down_proj\\.weight",  # regex of trained params
         "rmu_steering": 20.0,      # steering coefficient c
-        "stop_forget_prob": 0.1,   # stop early once forget answer probability <= this (None: never)
-        "stop_every": 4,           # check it every this many steps
+        "stop_forget_prob": 0.1,   # stop early once forget answer probability <= this (None: never);
+                                   # "oracle": the retain oracle's forget probability, "holdout": the
+                                   # target's on the holdout split (both measured by the run itself)
+        "stop_every": 4,           # check it (and the collapse guard) every this many steps
+        "collapse_floor": 0.8,     # stop when retain probability < this x the target's (None: no guard);
+                                   # the last state above it is saved, labelled, or nothing
         # SURE_<base> / Robust_<base> (robust_unlearn.robust): modules at or above this percentile of
         # forget-gradient norm train (Zhang et al. 2024: 90 / 95 / 99)
         "sure_percentile": 90.0,
@@ -110,8 +114,11 @@ DEFAULTS: dict[str, Any] = {
             # threshold would round away (|w| > 2^8 x lr does not move)
             "SURE_GradDiff": {"precision": "fp32", "steps": 30},
             "SURE_NPO_KLR": {"precision": "fp32", "steps": 30},
-            "Robust_GradDiff": {"precision": "fp32", "lr": 2.0e-3, "steps": 64, "stop_forget_prob": 0.08,
-                                "robust_topk": 0.03, "robust_floor_every": 4, "robust_floor_margin": 0.05},
+            # its length scales with the forget set (epochs over it, not a step count) and it stops at the
+            # retain oracle's forget probability, measured in the same run (issue 12)
+            "Robust_GradDiff": {"precision": "fp32", "lr": 2.0e-3, "steps": None, "epochs": 30.0,
+                                "stop_forget_prob": "oracle", "robust_topk": 0.03, "robust_floor_every": 4,
+                                "robust_floor_margin": 0.05},
             "RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 80, "alpha": 10.0, "stop_forget_prob": 0.15,
                     "rmu_params": "model\\.layers\\.(5|6|7)\\.mlp\\..*_proj\\.weight"},
             # the RMU loss through SURE's saliency / the robust update (fp32, as the other wrappers)
@@ -137,7 +144,9 @@ PRECISIONS = ("fp32", "mixed", "bf16")
 NULLABLE = {"cache_dir": str, "data.path": str, "data.train_utility": bool, "data.limit": int,
             "model.target": str, "model.oracle": str}
 # keys (last part of the dotted name) with a value by default that may also be null
-NULL_OK = ("system_prompt", "steps", "stop_forget_prob")
+NULL_OK = ("system_prompt", "steps", "stop_forget_prob", "collapse_floor")
+# stop_forget_prob may also name a level the run measures itself (unlearn.stop_level)
+STOP_LEVELS = ("oracle", "holdout")
 
 
 def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
@@ -208,6 +217,10 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise UserError(f"recipe key '{path}' must be true or false, got {value!r}")
+        return value
+    if path.rsplit(".", 1)[-1] == "stop_forget_prob" and isinstance(value, str):
+        if value not in STOP_LEVELS:
+            raise UserError(f"recipe key '{path}' must be a number in [0, 1] or one of {', '.join(STOP_LEVELS)}, got {value!r}")
         return value
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -386,6 +399,7 @@ _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "simnpo_beta": _POSITIVE,
     "rmu_layer": _Range(whole=True),
     "stop_forget_prob": _Range(0, 1),
+    "collapse_floor": _Range(0, 1, open_lo=True),
     "stop_every": _COUNT,
     "sure_percentile": _Range(0, 100, open_hi=True),
     "robust_topk": _FRACTION,
@@ -444,7 +458,7 @@ def recipe_problems(cfg: dict) -> list[str]:
 
     for where, st, keys in scopes:
         for k in keys:
-            if k in _SETTING_RANGES:
+            if k in _SETTING_RANGES and not (k == "stop_forget_prob" and st[k] in STOP_LEVELS):
                 p = _SETTING_RANGES[k].problem(f"{where}.{k}", st[k])
                 if p:
                     out.append(p)

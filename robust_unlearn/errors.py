@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """A loss became NaN/inf; nothing from the diverged run is saved."""
+
+
+class TrainingCollapsed(UserError):
+    """The collapse guard tripped before any state above its floor: nothing is saved."""

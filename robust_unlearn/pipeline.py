@@ -15,8 +15,8 @@ from .data import benchmark_of, dataset_for, fingerprint, load_benchmark, target
 from .errors import UserError
 from .methods import get_objective
 from .metrics.tofu import Evaluator
-from .models import load_model, resolve_base, save_model
-from .report import write_report
+from .models import load_model, read_metadata, resolve_base, save_model
+from .report import STUDY_FILE, write_report, write_study_report
 from .sweep import sweep
 from .train import train
 from .unlearn import unlearn_all
@@ -85,6 +85,13 @@ def target_checkpoint(cfg: dict, bench, given: str | None = None) -> tuple[str, 
     return str(path), key
 
 
+def needs_oracle(cfg: dict, methods: list[str] | None = None) -> bool:
+    """Whether a method stops at the retain oracle's level (``stop_forget_prob: oracle``)."""
+    from .config import method_settings
+
+    return any(method_settings(cfg, m)["stop_forget_prob"] == "oracle" for m in methods or cfg["unlearn"]["methods"])
+
+
 def oracle_checkpoint(cfg: dict, bench) -> tuple[str, str] | None:
     """The retain oracle (the recipe's ``model.oracle`` or fine-tuned on ``train_oracle``), or None."""
     if cfg["model"]["oracle"] is not None:
@@ -119,21 +126,60 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
     evaluate_checkpoint(cfg, bench, run_dir, "target", *models["target"], oracle_stats=oracle_stats)
     # unlearn -> compress -> evaluate: every method from the one target, then the sweep over
     # target, oracle and every unlearned checkpoint (each loaded once)
-    unlearned = unlearn_all(cfg, bench, *models["target"], run_dir) if cfg["unlearn"]["methods"] else {}
+    collapsed: dict[str, str] = {}  # methods whose collapse guard tripped with nothing to save
+    unlearned = unlearn_all(cfg, bench, *models["target"], run_dir, oracle=models.get("oracle", (None,))[0],
+                            collapsed=collapsed) if cfg["unlearn"]["methods"] else {}
     checkpoints = [("target", models["target"][0], "none", models["target"][1])]
     if "oracle" in models and cfg["sweep"]["oracle"]:
         checkpoints.append(("oracle", models["oracle"][0], "none", models["oracle"][1]))
     checkpoints += [(m, str(path), m) for m, path in unlearned.items()]
     models.update({m: (str(path), None) for m, path in unlearned.items()})
+    last_good = {m: read_metadata(path)["state"] for m, path in unlearned.items() if read_metadata(path).get("state")}
     sweep(cfg, bench, run_dir, checkpoints, cfg["sweep"]["compressions"], oracle=oracle_stats)
     info = {"name": cfg["name"], "benchmark": cfg["data"]["name"] + (f" ({cfg['data']['path']})" if cfg["data"]["path"] else ""),
             "forget_split": _forget_name(cfg), "base_model": cfg["model"]["base"],
             "models": {k: v[0] for k, v in models.items()}, "holds_margin": cfg["sweep"]["holds_margin"],
+            "collapsed": collapsed, "last_good": last_good, "seed": cfg["seed"],
             "wall_time_s": round(time.time() - t0, 1),
             "command": command}
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))
     write_report(run_dir, info)
     return run_dir
+
+
+def study_cells(cfg: dict, seeds: list[int], splits: list[str]) -> list[tuple[str, int, dict]]:
+    """(forget split, seed, that run's recipe) for each cell of a study, forget split first."""
+    import copy
+
+    out = []
+    for split in splits:
+        for seed in seeds:
+            sub = copy.deepcopy(cfg)
+            sub["seed"], sub["name"] = seed, f"{cfg['name']}-{split}-seed{seed}"
+            sub["data"]["forget_split"] = split
+            out.append((split, seed, sub))
+    return out
+
+
+def study(cfg: dict, seeds: list[int], splits: list[str], out: str | Path, command: str | None = None) -> Path:
+    """One recipe over seeds x forget splits: each cell a whole :func:`run` into
+    ``out/<split>/seed<k>`` (a seed changes the built-in benchmark's authors, the fine-tuning order and
+    the unlearning batches), then ``out/report.md`` with every run's values and, over seeds, means with
+    95% intervals. Cells already done are reused (their caches and ledgers), so a study resumes."""
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = study_cells(cfg, seeds, splits)
+    for i, (split, seed, sub) in enumerate(cells, 1):
+        log.warning("study: run %d/%d: %s seed %d", i, len(cells), split, seed)
+        run(sub, out / split / f"seed{seed}", command=command)
+    info = {"name": cfg["name"], "benchmark": cfg["data"]["name"] + (f" ({cfg['data']['path']})" if cfg["data"]["path"] else ""),
+            "base_model": cfg["model"]["base"], "seeds": seeds, "forget_splits": splits,
+            "methods": cfg["unlearn"]["methods"], "compressions": cfg["sweep"]["compressions"],
+            "holds_margin": cfg["sweep"]["holds_margin"], "wall_time_s": round(time.time() - t0, 1), "command": command}
+    (out / STUDY_FILE).write_text(json.dumps(info, indent=2))
+    write_study_report(out, info)
+    return out
 
 
 def _forget_name(cfg: dict) -> str:

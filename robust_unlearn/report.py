@@ -63,6 +63,11 @@ def write_report(run_dir: str | Path, info: dict | None = None, ledger: Ledger |
         lines.append("")
     margin = info.get("holds_margin", HOLDS_MARGIN) if isinstance(info.get("holds_margin"), (int, float)) else HOLDS_MARGIN
     lines += verdict_section(rows, margin)
+    for what, items in (("Collapsed, nothing saved", info.get("collapsed")),
+                        ("Collapsed, last good state saved", info.get("last_good"))):
+        if isinstance(items, dict) and items:
+            lines += [f"**{what}** (collapse guard, `unlearn.collapse_floor`):", "",
+                      *(f"- {m}: {text}" for m, text in items.items()), ""]
     metrics = [m for m in MAIN if any(m in c for c in cells.values())]
     lines += ["## Forgetting and utility", "",
               "| model | method | compression | precision | " + " | ".join(metrics) + " |",
@@ -282,3 +287,131 @@ def plot_utility_vs_forget(path: Path, rows: list[dict], x: str = "forget_Q_A_Pr
     ax.grid(True, alpha=0.3)
     _save_png(fig, path)
     return True
+
+
+# --- studies: several runs (seeds x forget sets) of one recipe --------------------------------------
+
+STUDY_FILE = "study.json"
+
+
+def study_runs(study_dir: str | Path) -> list[dict]:
+    """Every finished run under ``study_dir/<forget set>/seed<k>/`` -> one entry per model of its
+    verdict (forget set, seed, model, none, worst column and value, utility, the oracle's value), with
+    the target's utility and the per-column values of the forget metric."""
+    out = []
+    for info_file in sorted(Path(study_dir).glob("*/seed*/run.json"), key=lambda p: (p.parent.parent.name, _seed_of(p))):
+        try:
+            info = json.loads(info_file.read_text())
+        except ValueError:
+            log.warning("%s is not valid JSON: that run is left out of the study", info_file)
+            continue
+        rows = Ledger(info_file.parent / "results.jsonl").latest()
+        v = verdict(rows, info.get("holds_margin", HOLDS_MARGIN))
+        if not v:
+            continue
+        target_u = next((e["utility"] for e in v if e["model"] == "target"), None)
+        f = v[0]["metric"]
+        cols = {(r["model"], r["compression"]): r["value"] for r in rows
+                if r["metric"] == f and isinstance(r.get("value"), (int, float))}
+        for e in v:
+            e.update(forget_set=info.get("forget_split", info_file.parent.parent.name), seed=info.get("seed", _seed_of(info_file)),
+                     target_utility=target_u, columns={c: val for (m, c), val in cols.items() if m == e["model"]},
+                     run=str(info_file.parent))
+            out.append(e)
+    return out
+
+
+def _seed_of(info_file: Path) -> int:
+    name = info_file.parent.name
+    return int(name[4:]) if name[4:].lstrip("-").isdigit() else 0
+
+
+def run_checks(e: dict, margin: float = HOLDS_MARGIN, utility_kept: float = 0.9, recovery: float = 2.0) -> dict:
+    """Per run of one model: ``holds`` (worst column <= its uncompressed value + margin and <= the
+    oracle's + margin), ``utility_kept`` (utility / the target's), ``recovers`` (the highest column /
+    the uncompressed value >= ``recovery``: the published failure)."""
+    worst = e["worst_value"] if e["worst_value"] is not None else e["none"]
+    holds = None if e["oracle"] is None else (worst <= e["none"] + margin and worst <= e["oracle"] + margin)
+    kept = (e["utility"] / e["target_utility"]) if e.get("utility") is not None and e.get("target_utility") else None
+    ratio = worst / e["none"] if e["none"] else None
+    return {"holds": holds, "utility_kept": kept, "utility_ok": None if kept is None else kept >= utility_kept,
+            "recovery": ratio, "recovers": None if ratio is None else ratio >= recovery}
+
+
+def interval(values: list[float]) -> tuple[float, float, float, float, float]:
+    """-> (mean, 95% t-interval low, high, min, max); one value: its own interval."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, m, m, m, m
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return m, m - half, m + half, float(x.min()), float(x.max())
+
+
+def _ci(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m, lo, hi, mn, mx = interval(values)
+    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} [{lo:.3f}, {hi:.3f}] ({mn:.3f}–{mx:.3f})"
+
+
+def write_study_report(study_dir: str | Path, info: dict | None = None) -> Path:
+    """``study_dir/report.md``: per forget set, every run's values and, over seeds, each model's mean
+    with its 95% t-interval and range; the checks of :func:`run_checks` counted over the runs."""
+    study_dir = Path(study_dir)
+    if info is None and (study_dir / STUDY_FILE).is_file():
+        try:
+            info = json.loads((study_dir / STUDY_FILE).read_text())
+        except ValueError:
+            info = None
+    info = info if isinstance(info, dict) else {}
+    margin = info.get("holds_margin", HOLDS_MARGIN)
+    entries = study_runs(study_dir)
+    lines = [f"# robust_unlearn study: {info.get('name', study_dir.name)}", ""]
+    for key in ("benchmark", "base_model", "seeds", "forget_splits", "methods", "compressions", "wall_time_s", "command"):
+        if key in info:
+            lines.append(f"- **{key}**: {info[key]}")
+    lines += ["", "Per run: the forget metric uncompressed and under each column, the worst column, utility and "
+              "its share of the target's. **holds**: worst column <= uncompressed + "
+              f"{margin:g} and <= the retain oracle's + {margin:g}; **x back**: worst column / uncompressed "
+              "(>= 2: the published failure). Over seeds: mean [95% t-interval] (min–max).", ""]
+    sets = list(dict.fromkeys(e["forget_set"] for e in entries))
+    for fs in sets:
+        es = [e for e in entries if e["forget_set"] == fs]
+        f, u = es[0]["metric"], es[0]["utility_metric"]
+        comps = list(dict.fromkeys(c for e in es for c in e["columns"] if c != "none"))
+        seeds = sorted({e["seed"] for e in es})
+        lines += [f"## {fs}: {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})", "",
+                  f"| model | seed | {f} | " + " | ".join(comps) + f" | worst | {u} | kept | oracle | holds | x back |",
+                  "|---|---|---|" + "---|" * len(comps) + "---|---|---|---|---|---|"]
+        models = list(dict.fromkeys(e["model"] for e in es))
+        for m in models:
+            for e in (e for e in es if e["model"] == m):
+                c = run_checks(e, margin)
+                lines.append(f"| {m} | {e['seed']} | {_fmt(e['none'])} | " + " | ".join(_fmt(e['columns'].get(x)) for x in comps)
+                             + f" | {e['worst'] or '–'} {_fmt(e['worst_value'])} | {_fmt(e['utility'])} | "
+                             f"{_fmt(c['utility_kept'])} | {_fmt(e['oracle'])} | "
+                             f"{'–' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} | {_fmt(c['recovery'])} |")
+        lines += ["", f"Over seeds ({fs}):", "",
+                  f"| model | runs | {f} | worst column | {u} | kept | holds | x back >= 2 |", "|---|---|---|---|---|---|---|---|"]
+        for m in models:
+            me = [e for e in es if e["model"] == m]
+            cs = [run_checks(e, margin) for e in me]
+            worst = [e["worst_value"] for e in me if e["worst_value"] is not None]
+            kept = [c["utility_kept"] for c in cs if c["utility_kept"] is not None]
+            n_holds = sum(1 for c in cs if c["holds"])
+            n_back = sum(1 for c in cs if c["recovers"])
+            lines.append(f"| {m} | {len(me)} | {_ci([e['none'] for e in me])} | {_ci(worst)} | "
+                         f"{_ci([e['utility'] for e in me if e['utility'] is not None])} | {_ci(kept)} | "
+                         f"{n_holds}/{len(me)} | {n_back}/{len(me)} |")
+        lines.append("")
+    if not entries:
+        lines += ["No finished run under this directory yet (expected <forget set>/seed<k>/run.json).", ""]
+    out = study_dir / "report.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    return out

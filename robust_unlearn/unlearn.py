@@ -7,7 +7,13 @@ reference (NPO, KL, RMU) is, with ``runtime.shared_reference`` (the default), th
 with its trained tensors swapped back to frozen copies (:class:`SharedReference`): it costs only the
 trained tensors, not a second model. Otherwise the whole target is loaded once per run by
 :class:`Reference` and shared by every method that needs it. A non-finite loss stops the method before
-anything is written. With ``runtime.checkpoint_every`` the training state is saved every N steps into a
+anything is written.
+
+Every ``stop_every`` steps two probes run: the forget answer probability (the early stop, at a number
+or at a level the run measures itself: the retain oracle's forget probability or the target's on the
+holdout split, :class:`StopLevels`) and the retain answer probability (the collapse guard: below
+``collapse_floor`` x the target's, training stops; the last state that passed is saved, labelled in
+its metadata, or nothing when none did). With ``runtime.checkpoint_every`` the training state is saved every N steps into a
 hidden sibling of the checkpoint directory, and a run started again resumes from it.
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ from .compress import compressible_linears
 from .config import method_settings
 from .data import dataset_for, fingerprint, is_text_benchmark
 from .data.collate import formatter_for
+from .errors import TrainingCollapsed, UserError
 from .ids import stable_hash
 from .methods import NEEDS_REF, build_objective, check_method, split_method
 from .models import load_model, read_metadata, save_model
@@ -96,15 +103,82 @@ def retain_rows(bench):
     return bench["train_oracle"] if "train_oracle" in bench else bench["retain"]
 
 
+def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = None):
+    """-> model -> mean answer probability (exp of each item's mean answer-token NLL, averaged) on
+    ``bench[split]`` (its first ``limit`` rows), the quantity of ``forget_Q_A_Prob``; raw-text
+    benchmarks: on the first ``eval.batch_size`` items of the split. None when the split is absent or
+    empty."""
+    if not _has_rows(bench, split):
+        return None
+    rows = bench[split]
+    if limit is not None and len(rows) > limit:
+        rows = rows.select(range(limit))
+    if is_text_benchmark(cfg):
+        return _text_forget_prob(dataset_for(cfg, rows, tok), cfg["eval"]["batch_size"])
+    fmt = formatter_for(tok, cfg)
+    pairs = [(r["question"], r["answer"]) for r in rows]
+
+    def prob(m):
+        return float(np.exp(-qa_mean_nll(m, fmt, pairs, cfg["eval"]["batch_size"])).mean())
+
+    return prob
+
+
+class StopLevels:
+    """The forget probabilities a relative ``stop_forget_prob`` names, measured once per run with the
+    early stop's own probe: ``oracle``, the retain oracle's (a model never trained on the forget set);
+    ``holdout``, the target's on the holdout split (authors it never saw)."""
+
+    def __init__(self, cfg: dict, bench, target: str, oracle: str | None = None):
+        self.cfg, self.bench, self.target, self.oracle = cfg, bench, target, oracle
+        self._values: dict[str, float] = {}
+
+    def available(self) -> list[str]:
+        out = ["oracle"] if self.oracle is not None else []
+        return out + (["holdout"] if _has_rows(self.bench, "holdout") else [])
+
+    def get(self, name: str, where: str) -> tuple[str, float]:
+        """-> (the level used, its value); ``oracle`` without an oracle falls back to ``holdout``."""
+        have = self.available()
+        used = name if name in have else ("holdout" if name == "oracle" and "holdout" in have else None)
+        if used is None:
+            raise UserError(f"{where} '{name}' needs a retain oracle (model.oracle, or a benchmark with a retain "
+                            f"split) or a holdout split, and this run has neither; give a number in [0, 1] instead")
+        if used != name:
+            log.warning("%s '%s': no retain oracle in this run; stopping at the holdout level instead", where, name)
+        if used not in self._values:
+            path, split = (self.oracle, "forget") if used == "oracle" else (self.target, "holdout")
+            model, tok = load_model(path, "float32", self.cfg["model"]["trust_remote_code"])
+            model.eval()
+            self._values[used] = answer_prob_probe(self.cfg, self.bench, tok, split)(model)
+            del model
+            log.info("stop level %s: forget probability %.3f (%s)", used, self._values[used], path)
+        return used, self._values[used]
+
+
+def _has_rows(bench, split: str) -> bool:
+    return split in bench and len(bench[split]) > 0
+
+
 def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir: Path,
-            reference: Reference | None = None) -> Path:
+            reference: Reference | None = None, levels: StopLevels | None = None) -> Path:
     """Unlearn ``bench['forget']`` from ``target`` with ``method`` -> checkpoint dir (reused when the
-    same spec was already trained into ``out_dir``)."""
+    same spec was already trained into ``out_dir``). ``levels``: what a relative ``stop_forget_prob``
+    (oracle, holdout) is measured with. ``TrainingCollapsed`` when the collapse guard trips before any
+    state passed it (nothing is saved)."""
     check_method(method)
     settings = method_settings(cfg, method)
+    stop_level = None
+    if isinstance(settings["stop_forget_prob"], str):  # a level of this run: resolved to its number
+        where = f"unlearn.per_method.{method}.stop_forget_prob" if "stop_forget_prob" in \
+            cfg["unlearn"]["per_method"].get(method, {}) else "unlearn.stop_forget_prob"
+        levels = levels or StopLevels(cfg, bench, target)
+        stop_level, settings["stop_forget_prob"] = levels.get(settings["stop_forget_prob"], where)
     spec = {"version": UNLEARN_VERSION, "method": method, "settings": settings, "target": target_id,
             "forget": fingerprint(bench["forget"]), "retain": fingerprint(retain_rows(bench)), "seed": cfg["seed"],
             "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")}}
+    if stop_level is not None:
+        spec["stop_level"] = stop_level
     key = stable_hash(spec)[:12]
     out = Path(out_dir) / f"{method}-{key}"
     if (out / "config.json").is_file() and read_metadata(out).get("spec_key") == key:
@@ -123,7 +197,6 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     else:
         ref = reference.get() if method in NEEDS_REF else None
     objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
-    fmt = formatter_for(tok, cfg)
     streams = {"forget": dataset_for(cfg, bench["forget"], tok)}
     if "retain" in objective.streams:
         streams["retain"] = dataset_for(cfg, retain_rows(bench), tok)
@@ -136,21 +209,19 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         data.setdefault("retain", dataset_for(cfg, retain_rows(bench), tok))
         constraint, plan = plan_update(model, objective, data, settings, robust=wrapper == "Robust", seed=cfg["seed"])
     history: list[tuple[int, float]] = []
-    if is_text_benchmark(cfg):
-        forget_prob = _text_forget_prob(streams["forget"], cfg["eval"]["batch_size"])
-    else:
-        pairs = [(r["question"], r["answer"]) for r in bench["forget"]]
+    forget_prob = answer_prob_probe(cfg, bench, tok, "forget")
+    guard = CollapseGuard.for_run(cfg, bench, tok, settings, model, method)
+    stop_at = settings["stop_forget_prob"]
 
-        def forget_prob(m):
-            return float(np.exp(-qa_mean_nll(m, fmt, pairs, cfg["eval"]["batch_size"])).mean())
-
-    def forget_prob_reached(m, step):
+    def probe(m, step):
         p = forget_prob(m)
         history.append((step, p))
         log.info("%s: step %d forget probability %.3f", method, step, p)
-        return p <= settings["stop_forget_prob"]
+        if guard is not None and not guard.passes(m, step):
+            return True
+        return stop_at is not None and p <= stop_at
 
-    stop = forget_prob_reached if settings["stop_forget_prob"] is not None else None
+    stop = probe if (stop_at is not None or guard is not None) else None
 
     if shared is not None:
         shared.freeze()
@@ -162,6 +233,13 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     from accelerate.state import PartialState
 
     state = PartialState()
+    collapse = None
+    if guard is not None and guard.tripped is not None:
+        collapse = guard.restore(model)  # the last state above the floor, or TrainingCollapsed
+        if collapse is None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            raise TrainingCollapsed(guard.line(method, saved=None))
+        log.warning("%s", guard.line(method, saved=str(out)))
     if not state.is_main_process:  # the main process writes the checkpoint
         state.wait_for_everyone()
         return out
@@ -175,6 +253,12 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1),
             "launch": {"processes": state.num_processes, "distributed_type": str(state.distributed_type)},
             "reference": None if method not in NEEDS_REF else (shared.kind if shared is not None else "full copy")}
+    if stop_level is not None:
+        meta["stop_level"] = {"name": stop_level, "forget_prob": stop_at}
+    if guard is not None:
+        meta["collapse_guard"] = guard.summary()
+    if collapse is not None:  # labelled: these weights are the last good state, not the end of training
+        meta["state"] = f"last good state (step {collapse}); training went on and collapsed"
     if plan is not None:
         meta["plan"] = {k: v for k, v in plan.items() if k != "salient"}
         meta["plan"]["salient"] = plan["salient"]
@@ -186,6 +270,74 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         state.wait_for_everyone()
     log.info("%s: %d steps in %.0fs, update %s", method, len(losses), time.time() - t0, meta["update"])
     return out
+
+
+class CollapseGuard:
+    """The retain answer probability, probed with the early stop, against ``collapse_floor`` x the
+    target's (measured on the model before its first step). The trained tensors of the last probe
+    that passed are kept on the CPU; when a probe fails, training stops and :meth:`restore` puts that
+    state back (None when no probe passed: nothing may be saved). Under ZeRO-3 the tensors are
+    partitioned and nothing is kept: a trip saves nothing."""
+
+    def __init__(self, probe, floor: float, target_prob: float):
+        self.probe, self.fraction, self.target_prob = probe, floor, target_prob
+        self.floor = floor * target_prob
+        self.good: dict[str, torch.Tensor] | None = None
+        self.good_step = 0
+        self.tripped: tuple[int, float] | None = None
+        self.last: float | None = None
+
+    @classmethod
+    def for_run(cls, cfg: dict, bench, tok, settings: dict, model, method: str) -> "CollapseGuard | None":
+        if settings.get("collapse_floor") is None:
+            return None
+        split = "retain" if _has_rows(bench, "retain") else None
+        probe = answer_prob_probe(cfg, bench, tok, split, limit=cfg["eval"]["batch_size"]) if split else None
+        if probe is None:
+            log.warning("%s: no retain split to probe: the collapse guard is off", method)
+            return None
+        was = model.training
+        model.eval()
+        guard = cls(probe, settings["collapse_floor"], probe(model))
+        model.train(was)
+        log.info("%s: collapse guard at retain probability %.3f (%g x the target's %.3f)", method, guard.floor,
+                 settings["collapse_floor"], guard.target_prob)
+        return guard
+
+    def passes(self, model, step: int) -> bool:
+        p = self.last = self.probe(model)
+        if p < self.floor:
+            self.tripped = (step, p)
+            return False
+        params = [(n, t) for n, t in model.named_parameters() if t.requires_grad]
+        if not any(hasattr(t, "ds_id") for _, t in params):
+            self.good = {n: t.detach().to("cpu", copy=True) for n, t in params}
+            self.good_step = step
+        return True
+
+    def restore(self, model) -> int | None:
+        """Put the last passing state back into ``model`` -> its step, or None when there is none."""
+        if self.good is None:
+            return None
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in self.good.items():
+                params[n].copy_(t.to(params[n].dtype))
+        return self.good_step
+
+    def line(self, method: str, saved: str | None) -> str:
+        step, p = self.tripped
+        what = (f"saved its last good state (step {self.good_step}) as {saved}, labelled as such" if saved
+                else "nothing was saved")
+        return (f"{method}: collapsed at step {step}: retain probability {p:.3f} fell below the collapse floor "
+                f"{self.floor:.3f} ({self.fraction:g} x the target's {self.target_prob:.3f}); stopped, {what}")
+
+    def summary(self) -> dict:
+        out = {"collapse_floor": self.fraction, "target_retain_prob": self.target_prob, "floor": self.floor,
+               "last_retain_prob": self.last}
+        if self.tripped is not None:
+            out.update(tripped_at_step=self.tripped[0], tripped_retain_prob=self.tripped[1], kept_step=self.good_step)
+        return out
 
 
 def _text_forget_prob(ds, n: int):
@@ -205,11 +357,25 @@ def _text_forget_prob(ds, n: int):
 
 
 def unlearn_all(cfg: dict, bench, target: str, target_id: str, run_dir: Path,
-                methods: list[str] | None = None) -> dict[str, Path]:
+                methods: list[str] | None = None, oracle: str | None = None,
+                collapsed: dict | None = None) -> dict[str, Path]:
     """Every method of ``methods`` (default: the recipe's ``unlearn.methods``) from one target, with
-    one shared frozen reference. -> method -> checkpoint dir (under ``run_dir/checkpoints``)."""
+    one shared frozen reference and one set of stop levels (``oracle``: the retain oracle's checkpoint).
+    -> method -> checkpoint dir (under ``run_dir/checkpoints``). ``collapsed``: where a method whose
+    collapse guard tripped with nothing to save goes (method -> its one line) while the others run on;
+    without it the first such method raises ``TrainingCollapsed``."""
     methods = methods or cfg["unlearn"]["methods"]
     for m in methods:
         check_method(m, "--methods")
     reference = Reference(target, cfg["model"]["trust_remote_code"])
-    return {m: unlearn(cfg, bench, target, target_id, m, Path(run_dir) / "checkpoints", reference) for m in methods}
+    levels = StopLevels(cfg, bench, target, oracle)
+    done = {}
+    for m in methods:
+        try:
+            done[m] = unlearn(cfg, bench, target, target_id, m, Path(run_dir) / "checkpoints", reference, levels)
+        except TrainingCollapsed as exc:
+            if collapsed is None:
+                raise
+            log.warning("%s", exc)
+            collapsed[m] = str(exc)
+    return done

@@ -137,7 +137,7 @@ TINY = ["model.base=tiny", "model.prompt=qa", "data.num_authors=4", "data.qa_per
         "data.forget_split=forget25", "data.train_utility=false", "finetune.precision=fp32", "finetune.lr=3e-3",
         "finetune.epochs=40", "finetune.batch_size=4", "finetune.freeze_embeddings=false",
         "sweep.compressions=[none]", "unlearn.lr=5e-4", "unlearn.steps=null", "unlearn.epochs=20", "unlearn.alpha=5",
-        "unlearn.precision=fp32", "unlearn.stop_forget_prob=null",
+        "unlearn.precision=fp32", "unlearn.stop_forget_prob=null", "unlearn.collapse_floor=null",
         # RMU on a 2-layer model: steer the last layer, train all MLP projections
         "unlearn.rmu_layer=1", "unlearn.per_method.RMU.steps=null", "unlearn.per_method.RMU.precision=fp32",
         r"unlearn.per_method.RMU.rmu_params=model\.layers\.(0|1)\.mlp\.(down|up|gate)_proj\.weight",

@@ -1,0 +1,125 @@
+"""The run's own stopping signals (issue 12) on the tiny target of test_methods: a relative early stop
+(``stop_forget_prob: oracle`` / ``holdout``, measured in the run) and the collapse guard (retain
+probability below ``collapse_floor`` x the target's stops training; the last state above it is saved,
+labelled, or nothing)."""
+import pytest
+import torch
+
+from conftest import run_cli
+
+from robust_unlearn.config import load_recipe
+from robust_unlearn.errors import TrainingCollapsed, UserError
+from robust_unlearn.models import load_model, read_metadata
+from robust_unlearn.unlearn import StopLevels, answer_prob_probe, unlearn
+
+# Robust_GradDiff with its retain protection off (no retain term, no Fisher exclusion, no null space)
+# and a large lr: it destroys the retain answers within a few steps
+COLLAPSE = ["unlearn.collapse_floor=0.8", "unlearn.per_method.Robust_GradDiff.alpha=0",
+            "unlearn.per_method.Robust_GradDiff.robust_fisher_exclude=0", "unlearn.robust_nullspace=0",
+            "unlearn.per_method.Robust_GradDiff.lr=0.3", "unlearn.sure_percentile=0", "unlearn.robust_topk=1.0",
+            "unlearn.robust_prune_aware=0", "unlearn.robust_floor=[]", "unlearn.per_method.Robust_GradDiff.robust_floor_every=0",
+            "unlearn.per_method.Robust_GradDiff.stop_forget_prob=null", "unlearn.per_method.Robust_GradDiff.steps=12"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models
+
+
+def _cfg(t, extra):
+    return load_recipe(None, t.overrides + extra)
+
+
+def _retain_prob(cfg, bench, path):
+    model, tok = load_model(str(path))
+    return answer_prob_probe(cfg, bench, tok, "retain")(model)
+
+
+def test_collapse_with_no_good_state_stops_with_one_line_and_saves_nothing(tiny, tmp_path):
+    cfg = _cfg(tiny, COLLAPSE + ["unlearn.stop_every=6"])  # the first probe already sees the collapse
+    with pytest.raises(TrainingCollapsed) as exc:
+        unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
+    line = str(exc.value)
+    assert "\n" not in line and "Robust_GradDiff: collapsed at step 6" in line and "nothing was saved" in line
+    assert not any(p.name.startswith("Robust_GradDiff") for p in tmp_path.iterdir())  # not even a training state
+
+
+def test_collapse_after_good_steps_saves_the_last_good_state_labelled(tiny, tmp_path, caplog):
+    cfg = _cfg(tiny, COLLAPSE + ["unlearn.stop_every=1", "unlearn.per_method.Robust_GradDiff.lr=0.005",
+                                 "unlearn.per_method.Robust_GradDiff.steps=30"])
+    with caplog.at_level("WARNING", logger="robust_unlearn"):
+        ckpt = unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
+    meta = read_metadata(ckpt)
+    g = meta["collapse_guard"]
+    assert g["tripped_at_step"] > g["kept_step"] >= 1, g
+    assert meta["state"].startswith(f"last good state (step {g['kept_step']})")
+    assert [r.getMessage() for r in caplog.records if "collapsed at step" in r.getMessage()] == \
+        [f"Robust_GradDiff: collapsed at step {g['tripped_at_step']}: retain probability {g['tripped_retain_prob']:.3f} "
+         f"fell below the collapse floor {g['floor']:.3f} (0.8 x the target's {g['target_retain_prob']:.3f}); stopped, "
+         f"saved its last good state (step {g['kept_step']}) as {ckpt}, labelled as such"]
+    # what was saved is above the floor (the state of the last passing probe), not the collapsed end
+    assert _retain_prob(cfg, tiny.bench, ckpt) >= g["floor"] - 1e-4
+    assert g["tripped_retain_prob"] < g["floor"]
+
+
+def test_unlearn_command_reports_a_collapse_in_one_line_exit_2(tiny, tmp_path):
+    r = run_cli("unlearn", *tiny.overrides, *COLLAPSE, "unlearn.stop_every=6", "--methods", "Robust_GradDiff",
+                "--target", tiny.target, "--out", str(tmp_path / "run"))
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if "collapsed at step" in x]
+    assert len(lines) == 1 and "nothing was saved" in lines[0]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert not ckpts.exists() or not any(p.name.startswith("Robust_GradDiff") for p in ckpts.iterdir())
+
+
+def test_guard_off_by_null_and_quiet_when_utility_holds(tiny, tmp_path):
+    cfg = _cfg(tiny, ["unlearn.collapse_floor=0.5", "unlearn.stop_every=2"])
+    meta = read_metadata(unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "GradDiff", tmp_path))
+    g = meta["collapse_guard"]
+    assert "tripped_at_step" not in g and "state" not in meta and g["last_retain_prob"] >= g["floor"]
+    meta = read_metadata(unlearn(_cfg(tiny, []), tiny.bench, tiny.target, tiny.target_key, "GradDiff", tmp_path / "off"))
+    assert "collapse_guard" not in meta
+
+
+@pytest.mark.parametrize("level", ["oracle", "holdout"])
+def test_relative_stop_level_is_measured_in_the_run(tiny, tmp_path, level):
+    cfg = _cfg(tiny, [f"unlearn.per_method.GradDiff.stop_forget_prob={level}", "unlearn.stop_every=1",
+                      "unlearn.per_method.GradDiff.lr=3e-3", "unlearn.epochs=40"])
+    levels = StopLevels(cfg, tiny.bench, tiny.target, tiny.oracle)
+    ckpt = unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "GradDiff", tmp_path, levels=levels)
+    meta = read_metadata(ckpt)
+    model, tok = load_model(tiny.oracle if level == "oracle" else tiny.target)
+    want = answer_prob_probe(cfg, tiny.bench, tok, "forget" if level == "oracle" else "holdout")(model)
+    assert meta["stop_level"] == {"name": level, "forget_prob": pytest.approx(want, abs=1e-6)}
+    assert meta["spec"]["settings"]["stop_forget_prob"] == pytest.approx(want, abs=1e-6)
+    hist = meta["forget_prob_history"]
+    assert hist[-1][1] <= want and all(p > want for _, p in hist[:-1]), (want, hist)
+
+
+def test_oracle_level_without_an_oracle_falls_back_to_holdout_or_says_what_is_missing(tiny, tmp_path):
+    cfg = _cfg(tiny, ["unlearn.per_method.GradDiff.stop_forget_prob=oracle", "unlearn.steps=1"])
+    meta = read_metadata(unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "GradDiff", tmp_path))
+    assert meta["stop_level"]["name"] == "holdout"
+    levels = StopLevels(cfg, {k: tiny.bench[k] for k in tiny.bench if k != "holdout"}, tiny.target)
+    with pytest.raises(UserError, match="unlearn.per_method.GradDiff.stop_forget_prob 'oracle' needs a retain oracle"):
+        levels.get("oracle", "unlearn.per_method.GradDiff.stop_forget_prob")
+
+
+def test_bad_stop_level_is_one_line():
+    with pytest.raises(UserError, match="must be a number in \\[0, 1\\] or one of oracle, holdout, got 'often'"):
+        load_recipe(None, ["unlearn.stop_forget_prob=often"])
+
+
+def test_guard_restores_exactly_the_kept_tensors():
+    from robust_unlearn.unlearn import CollapseGuard
+
+    m = torch.nn.Linear(3, 2)
+    vals = iter([0.9, 0.1])
+    g = CollapseGuard(lambda model: next(vals), 0.8, 1.0)
+    assert g.passes(m, 4)
+    kept = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert not g.passes(m, 8) and g.tripped == (8, 0.1)
+    assert g.restore(m) == 4
+    assert all(torch.equal(p, kept[n]) for n, p in m.named_parameters())
