@@ -245,6 +245,9 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         return out
     if constraint is not None:
         plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
+        if guard is not None and not guard.passes(model, len(losses), keep=False):  # the floor may collapse it too
+            shutil.rmtree(state_dir, ignore_errors=True)
+            raise TrainingCollapsed(guard.line(method, saved=None, after="the final floor"))
     saved_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     meta = {"role": "unlearned", "method": method, "spec": spec, "spec_key": key, "precision": settings["precision"],
             "saved_dtype": saved_dtype, "target": str(target), "steps": len(losses), "first_loss": losses[0],
@@ -304,11 +307,18 @@ class CollapseGuard:
                  settings["collapse_floor"], guard.target_prob)
         return guard
 
-    def passes(self, model, step: int) -> bool:
+    def passes(self, model, step: int, keep: bool = True) -> bool:
+        """Probe ``model``; below the floor -> False (and the trip is recorded); else True, and with
+        ``keep`` its trained tensors become the last good state."""
+        was = model.training
+        model.eval()
         p = self.last = self.probe(model)
+        model.train(was)
         if p < self.floor:
             self.tripped = (step, p)
             return False
+        if not keep:
+            return True
         params = [(n, t) for n, t in model.named_parameters() if t.requires_grad]
         if not any(hasattr(t, "ds_id") for _, t in params):
             self.good = {n: t.detach().to("cpu", copy=True) for n, t in params}
@@ -325,11 +335,12 @@ class CollapseGuard:
                 params[n].copy_(t.to(params[n].dtype))
         return self.good_step
 
-    def line(self, method: str, saved: str | None) -> str:
+    def line(self, method: str, saved: str | None, after: str | None = None) -> str:
         step, p = self.tripped
         what = (f"saved its last good state (step {self.good_step}) as {saved}, labelled as such" if saved
                 else "nothing was saved")
-        return (f"{method}: collapsed at step {step}: retain probability {p:.3f} fell below the collapse floor "
+        when = f"after {after} (step {step})" if after else f"at step {step}"
+        return (f"{method}: collapsed {when}: retain probability {p:.3f} fell below the collapse floor "
                 f"{self.floor:.3f} ({self.fraction:g} x the target's {self.target_prob:.3f}); stopped, {what}")
 
     def summary(self) -> dict:

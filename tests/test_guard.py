@@ -123,3 +123,25 @@ def test_guard_restores_exactly_the_kept_tensors():
     assert not g.passes(m, 8) and g.tripped == (8, 0.1)
     assert g.restore(m) == 4
     assert all(torch.equal(p, kept[n]) for n, p in m.named_parameters())
+
+
+def test_a_floor_that_collapses_the_model_saves_nothing(tiny, tmp_path, monkeypatch):
+    """Training stays above the guard, then the end of the update (the final floor) wrecks the model:
+    the guard's check after the floor refuses to save it."""
+    from robust_unlearn.robust import update
+
+    real = update.SparseUpdate.finish
+
+    def wrecking_finish(self):
+        out = real(self)
+        with torch.no_grad():
+            for p in self.params.values():  # every weight the update may move
+                p.mul_(0.0)
+        return out
+
+    monkeypatch.setattr(update.SparseUpdate, "finish", wrecking_finish)
+    cfg = _cfg(tiny, COLLAPSE + ["unlearn.stop_every=1", "unlearn.per_method.Robust_GradDiff.lr=1e-6",
+                                 "unlearn.per_method.Robust_GradDiff.steps=2"])
+    with pytest.raises(TrainingCollapsed, match=r"Robust_GradDiff: collapsed after the final floor \(step 2\).*nothing was saved"):
+        unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
+    assert not any(p.name.startswith("Robust_GradDiff") for p in tmp_path.iterdir())
