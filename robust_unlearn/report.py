@@ -313,11 +313,18 @@ def study_runs(study_dir: str | Path) -> list[dict]:
         f = v[0]["metric"]
         cols = {(r["model"], r["compression"]): r["value"] for r in rows
                 if r["metric"] == f and isinstance(r.get("value"), (int, float))}
+        where = dict(forget_set=info.get("forget_split", info_file.parent.parent.name),
+                     seed=info.get("seed", _seed_of(info_file)), target_utility=target_u, run=str(info_file.parent))
+        last_good = info.get("last_good") if isinstance(info.get("last_good"), dict) else {}
         for e in v:
-            e.update(forget_set=info.get("forget_split", info_file.parent.parent.name), seed=info.get("seed", _seed_of(info_file)),
-                     target_utility=target_u, columns={c: val for (m, c), val in cols.items() if m == e["model"]},
-                     run=str(info_file.parent))
+            e.update(where, columns={c: val for (m, c), val in cols.items() if m == e["model"]},
+                     state=last_good.get(e["model"]))
             out.append(e)
+        collapsed = info.get("collapsed") if isinstance(info.get("collapsed"), dict) else {}
+        for m, line in collapsed.items():  # the guard stopped it with nothing to save: a run without values
+            out.append(dict(where, model=m, method=m, metric=f, utility_metric=v[0]["utility_metric"], none=None,
+                            worst=None, worst_value=None, utility=None, oracle=v[0]["oracle"], holds=None,
+                            columns={}, state="collapsed, nothing saved", collapsed=line))
     return out
 
 
@@ -329,7 +336,10 @@ def _seed_of(info_file: Path) -> int:
 def run_checks(e: dict, margin: float = HOLDS_MARGIN, utility_kept: float = 0.9, recovery: float = 2.0) -> dict:
     """Per run of one model: ``holds`` (worst column <= its uncompressed value + margin and <= the
     oracle's + margin), ``utility_kept`` (utility / the target's), ``recovers`` (the highest column /
-    the uncompressed value >= ``recovery``: the published failure)."""
+    the uncompressed value >= ``recovery``: the published failure). A run the collapse guard stopped
+    with nothing saved holds nothing."""
+    if e.get("collapsed"):
+        return {"holds": False, "utility_kept": None, "utility_ok": False, "recovery": None, "recovers": None}
     worst = e["worst_value"] if e["worst_value"] is not None else e["none"]
     holds = None if e["oracle"] is None else (worst <= e["none"] + margin and worst <= e["oracle"] + margin)
     kept = (e["utility"] / e["target_utility"]) if e.get("utility") is not None and e.get("target_utility") else None
@@ -377,7 +387,9 @@ def write_study_report(study_dir: str | Path, info: dict | None = None) -> Path:
     lines += ["", "Per run: the forget metric uncompressed and under each column, the worst column, utility and "
               "its share of the target's. **holds**: worst column <= uncompressed + "
               f"{margin:g} and <= the retain oracle's + {margin:g}; **x back**: worst column / uncompressed "
-              "(>= 2: the published failure). Over seeds: mean [95% t-interval] (min–max).", ""]
+              "(>= 2: the published failure); *last good state*: the collapse guard stopped it and saved its last "
+              "state above the floor; *collapsed, nothing saved*: it stopped before any such state. Over seeds: "
+              "mean [95% t-interval] (min–max) of the runs that saved a model; holds and x back count every run.", ""]
     sets = list(dict.fromkeys(e["forget_set"] for e in entries))
     for fs in sets:
         es = [e for e in entries if e["forget_set"] == fs]
@@ -391,22 +403,29 @@ def write_study_report(study_dir: str | Path, info: dict | None = None) -> Path:
         for m in models:
             for e in (e for e in es if e["model"] == m):
                 c = run_checks(e, margin)
-                lines.append(f"| {m} | {e['seed']} | {_fmt(e['none'])} | " + " | ".join(_fmt(e['columns'].get(x)) for x in comps)
+                if e.get("collapsed"):
+                    lines.append(f"| {m} | {e['seed']} | collapsed, nothing saved | " + " | ".join("–" for _ in comps)
+                                 + f" | – | – | – | {_fmt(e['oracle'])} | **no** | – |")
+                    continue
+                label = f"{m} (last good state)" if e.get("state") else m
+                lines.append(f"| {label} | {e['seed']} | {_fmt(e['none'])} | " + " | ".join(_fmt(e['columns'].get(x)) for x in comps)
                              + f" | {e['worst'] or '–'} {_fmt(e['worst_value'])} | {_fmt(e['utility'])} | "
                              f"{_fmt(c['utility_kept'])} | {_fmt(e['oracle'])} | "
                              f"{'–' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} | {_fmt(c['recovery'])} |")
         lines += ["", f"Over seeds ({fs}):", "",
                   f"| model | runs | {f} | worst column | {u} | kept | holds | x back >= 2 |", "|---|---|---|---|---|---|---|---|"]
         for m in models:
-            me = [e for e in es if e["model"] == m]
+            runs = [e for e in es if e["model"] == m]
+            me = [e for e in runs if not e.get("collapsed")]  # the values come from the runs that saved one
             cs = [run_checks(e, margin) for e in me]
             worst = [e["worst_value"] for e in me if e["worst_value"] is not None]
             kept = [c["utility_kept"] for c in cs if c["utility_kept"] is not None]
             n_holds = sum(1 for c in cs if c["holds"])
             n_back = sum(1 for c in cs if c["recovers"])
-            lines.append(f"| {m} | {len(me)} | {_ci([e['none'] for e in me])} | {_ci(worst)} | "
-                         f"{_ci([e['utility'] for e in me if e['utility'] is not None])} | {_ci(kept)} | "
-                         f"{n_holds}/{len(me)} | {n_back}/{len(me)} |")
+            n_coll = len(runs) - len(me)
+            lines.append(f"| {m} | {len(runs)}{f' ({n_coll} collapsed)' if n_coll else ''} | {_ci([e['none'] for e in me])} | "
+                         f"{_ci(worst)} | {_ci([e['utility'] for e in me if e['utility'] is not None])} | {_ci(kept)} | "
+                         f"{n_holds}/{len(runs)} | {n_back}/{len(runs)} |")
         lines.append("")
     if not entries:
         lines += ["No finished run under this directory yet (expected <forget set>/seed<k>/run.json).", ""]

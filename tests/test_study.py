@@ -103,3 +103,15 @@ def test_study_runs_each_cell_and_writes_intervals(tiny_models, tmp_path):
     assert "## forget25: 2 seeds (0, 1)" in text and "| GradDiff | 2 |" in text and text == r.stdout.rstrip("\n") + "\n" * (text.endswith("\n"))
     info = json.loads((tmp_path / "s" / "study.json").read_text())
     assert info["seeds"] == [0, 1] and info["forget_splits"] == ["forget25"] and info["wall_time_s"] > 0
+
+
+def test_collapsed_and_last_good_runs_are_listed_and_counted(study_dir):
+    info_file = study_dir / "forget10" / "seed2" / "run.json"
+    info = json.loads(info_file.read_text())
+    info["collapsed"] = {"SimNPO": "SimNPO: collapsed at step 4: ...; stopped, nothing was saved"}
+    info["last_good"] = {"GradDiff": "last good state (step 4); training went on and collapsed"}
+    info_file.write_text(json.dumps(info))
+    text = write_study_report(study_dir).read_text()
+    assert "| SimNPO | 2 | collapsed, nothing saved | – | – | – | – | 0.110 | **no** | – |" in text
+    assert "| GradDiff (last good state) | 2 | 0.050 |" in text
+    assert "| SimNPO | 1 (1 collapsed) | – | – | – | – | 0/1 | 0/1 |" in text
