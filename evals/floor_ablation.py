@@ -50,7 +50,7 @@ def records(log: Path) -> list[dict]:
 def table(log: Path) -> None:
     recs = records(log)
     cols = list(dict.fromkeys(c for r in recs for c in r["probs"]))
-    print("| lr | precision | floor | prune-aware | steps | stop | updated | dw / NF4 bin | forget: "
+    print("| lr | precision | floor | prune-aware | steps | stop at | mask (weights) | dw / NF4 bin | forget: "
           + " / ".join(cols) + " | worst - none | retain: none |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in recs:
