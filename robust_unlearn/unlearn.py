@@ -294,8 +294,7 @@ class CollapseGuard:
     def for_run(cls, cfg: dict, bench, tok, settings: dict, model, method: str) -> "CollapseGuard | None":
         if settings.get("collapse_floor") is None:
             return None
-        split = "retain" if _has_rows(bench, "retain") else None
-        probe = answer_prob_probe(cfg, bench, tok, split, limit=cfg["eval"]["batch_size"]) if split else None
+        probe = answer_prob_probe(cfg, bench, tok, "retain", limit=cfg["eval"]["batch_size"])  # None: no split
         if probe is None:
             log.warning("%s: no retain split to probe: the collapse guard is off", method)
             return None
