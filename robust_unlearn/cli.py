@@ -333,8 +333,11 @@ def cmd_audit(args) -> int:
     from .metrics.weights import audit, audit_table
     from .models import check_model_dir, is_local, load_model, read_metadata
 
+    from .quant import parse_format
+
     if args.json is not None:
         _check_json_out(args.json)
+    formats = [parse_format(f).name for f in _names(args.formats, "--formats", "nf4,int8,gptq4-g64")] if args.formats else []
     if is_local(args.target):  # the target first: it is the first argument
         check_model_dir(args.target)
     ckpts, overrides = _sweep_checkpoints(args.checkpoints, args.label, None)
@@ -351,9 +354,13 @@ def cmd_audit(args) -> int:
         if other != shapes:
             raise UserError(f"checkpoint '{path}' has different weights than the target '{args.target}' "
                             "(expected the same architecture: an unlearned copy of the target)")
-        saved = read_metadata(path).get("saved_dtype") if os.path.isdir(path) else None
+        meta = read_metadata(path) if os.path.isdir(path) else {}
+        saved = meta.get("saved_dtype")
+        # nf4, --formats, and every format the checkpoint's floor guaranteed
+        floor = (meta.get("spec", {}).get("settings") or {}).get("robust_floor") or [] if "Robust_" in meta.get("method", "") else []
         with torch.no_grad():
-            rows[label] = audit(before, model, saved_dtype=getattr(torch, saved) if saved else None)
+            rows[label] = audit(before, model, saved_dtype=getattr(torch, saved) if saved else None,
+                                formats=list(formats) + list(floor))
         del model
     print(audit_table(rows))
     if args.json:
@@ -483,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints (PATH or LABEL=PATH)")
     au.add_argument("--label", help="comma-separated labels, one per CKPT (instead of LABEL=PATH)")
     au.add_argument("--json", help="also write the numbers to this JSON file")
+    au.add_argument("--formats", help="comma-separated quantization formats whose code-flip rates to report besides "
+                    "nf4 and the checkpoint's own floor formats, e.g. int8,rtn4-g64,gptq4-g64 (the grid of the "
+                    "weights under their own min-max scales)")
     au.set_defaults(func=cmd_audit)
 
     rp = sub.add_parser("report", help="write report.md from a run directory's ledger",

@@ -130,6 +130,13 @@ DEFAULTS: dict[str, Any] = {
         "compressions": ["none", "int8", "nf4", "prune30"],
         "oracle": False,           # also sweep the retain oracle (else it is evaluated uncompressed only)
         "holds_margin": 0.05,      # the verdict: forgetting holds when every column is within this of the oracle's
+        # gptq4-g<G> / awq4-g<G> columns (llm-compressor): calibration text = the split's rows as the model
+        # sees them (prompt + answer), concatenated and cut into `samples` rows of `length` tokens
+        "calibration": {"split": "retain", "samples": 32, "length": 256,
+                        "awq_n_grid": 10,       # AWQ's scale grid search points (~1.5 s each per layer group on 2 CPU cores)
+                        "gptq_dampening": 0.01},  # GPTQ's Hessian dampening fraction
+        # relearn-retain / relearn-forget columns: optimizer steps of NLL fine-tuning from the checkpoint
+        "relearn": {"steps": 10, "lr": 1.0e-4, "batch_size": 8, "precision": "fp32"},
     },
     # How a run executes; nothing here changes what it computes (not part of a checkpoint's spec key).
     "runtime": {
@@ -384,6 +391,13 @@ _RANGES = {  # key -> allowed values (recipe keys outside unlearn)
     "eval.max_new_tokens": _COUNT,
     "runtime.checkpoint_every": _Range(0, whole=True),
     "sweep.holds_margin": _NONNEG,
+    "sweep.calibration.samples": _COUNT,
+    "sweep.calibration.length": _COUNT,
+    "sweep.calibration.awq_n_grid": _COUNT,
+    "sweep.calibration.gptq_dampening": _Range(0, 1, open_lo=True),
+    "sweep.relearn.steps": _COUNT,
+    "sweep.relearn.lr": _POSITIVE,
+    "sweep.relearn.batch_size": _COUNT,
 }
 _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "lr": _POSITIVE,
@@ -454,7 +468,7 @@ def recipe_problems(cfg: dict) -> list[str]:
     scopes = [("unlearn", cfg["unlearn"], [k for k in cfg["unlearn"] if k not in ("methods", "per_method")])]
     scopes += [(f"unlearn.per_method.{m}", method_settings(cfg, m), list(over))
                for m, over in cfg["unlearn"]["per_method"].items()]
-    from .robust.floor import MAX_FORMATS, parse_format
+    from .robust.floor import MAX_FORMATS, floor_format
 
     for where, st, keys in scopes:
         for k in keys:
@@ -470,7 +484,7 @@ def recipe_problems(cfg: dict) -> list[str]:
             formats = set()
             for f in st["robust_floor"]:
                 try:
-                    formats.add(parse_format(f).key)
+                    formats.add(floor_format(f).key)
                 except UserError as exc:
                     out.append(f"{where}.robust_floor: {exc}")
             if len(formats) > MAX_FORMATS:
@@ -492,6 +506,9 @@ def recipe_problems(cfg: dict) -> list[str]:
         if p:
             out.append(p)
     out += _schedule_problems("finetune.schedule", cfg["finetune"]["schedule"])
+    if cfg["sweep"]["relearn"]["precision"] not in PRECISIONS:
+        out.append(f"sweep.relearn.precision '{cfg['sweep']['relearn']['precision']}' is unknown "
+                   f"(expected one of {', '.join(PRECISIONS)})")
     return out
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from . import ids
-from .compress import check_compression, get_compression
+from .compress import check_compression, get_compression, needs_calibration
+from .compress.relearn import RELEARN, RelearnData, eval_bench
 from .ledger import Ledger
 from .metrics import split_of, suite_for
 from .metrics.stats import save_stats
 from .metrics.tofu import Evaluator
 from .models import load_model, read_metadata  # load_model runs check_compatible
+from .quant import parse_format
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
     suite = suite_for(cfg)
     oracle_ref = suite.load_reference(Path(oracle)) if oracle else None
     out: dict[tuple[str, str], tuple[dict, Path]] = {}
+    calibration = None  # GPTQ / AWQ calibration, built at the first calibrated column that runs
     for label, path, method, ckpt_id in items:
         is_oracle = label == ORACLE
         cols = list(dict.fromkeys(compressions))
@@ -114,15 +117,29 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
             if model is None:
                 model, tok = load_model(path, "float32", cfg["model"]["trust_remote_code"])
                 ev = evaluator or suite.evaluator(tok)
+                for c in cols:  # a group that does not divide a layer: one line, before any cell is evaluated
+                    if needs_calibration(c):
+                        parse_format(c).check_model(model)
             t0 = time.time()
-            m = model if comp == "none" else get_compression(comp)(copy.deepcopy(model))
+            context, settings = None, None
+            if needs_calibration(comp):
+                if calibration is None:
+                    calibration = _calibration(cfg, bench, tok, run_dir)
+                calibration.ckpt = f"{label}-{ckpt_id}"
+                context, settings = calibration, {"calibration": calibration.describe(),
+                                                  "awq_n_grid": calibration.awq_n_grid,
+                                                  "gptq_dampening": calibration.gptq_dampening}
+            elif comp in RELEARN:
+                context, settings = RelearnData(cfg, bench, tok), {"relearn": dict(cfg["sweep"]["relearn"])}
+            m = model if comp == "none" else get_compression(comp, context)(copy.deepcopy(model))
             m.eval()
-            metrics, per = ev.evaluate(m, bench, ref, splits=suite.splits(comp))
+            metrics, per = ev.evaluate(m, eval_bench(comp, bench), ref, splits=suite.splits(comp))
             del m
             save_stats(sp, per)
             rows = [{"model": label, "method": method, "compression": comp, "split": split_of(name),
                      "metric": name, "value": value, "ckpt": ckpt_id, "eval": eval_id, "precision": precision,
-                     "checkpoint": path, "cell_rows": len(metrics)} for name, value in metrics.items()]
+                     "checkpoint": path, "cell_rows": len(metrics), **({"settings": settings} if settings else {})}
+                    for name, value in metrics.items()]
             written = ledger.append(rows)
             log.info("%s / %s: evaluated in %.1fs (%d rows)", label, comp, time.time() - t0, written)
             if comp in compressions:
@@ -131,6 +148,18 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
         if is_oracle and oracle is None and own_none.is_file():
             oracle_ref = suite.load_reference(own_none)  # the reference for every later checkpoint
     return out
+
+
+def _calibration(cfg: dict, bench, tok, run_dir: Path):
+    """The GPTQ / AWQ calibration of this sweep (``sweep.calibration``); compressed checkpoints are
+    cached in ``run_dir/compressed``."""
+    from .data import calibration_samples
+    from .quant.calibrated import Calibration
+
+    c = cfg["sweep"]["calibration"]
+    samples, source = calibration_samples(cfg, bench, tok)
+    return Calibration(samples, source, cache_dir=Path(run_dir) / "compressed", awq_n_grid=c["awq_n_grid"],
+                       gptq_dampening=c["gptq_dampening"])
 
 
 def _no_reference(suite, stats: Path) -> bool:

@@ -28,7 +28,7 @@ import torch
 
 from .compress import compressible_linears
 from .config import method_settings
-from .data import dataset_for, fingerprint, is_text_benchmark
+from .data import dataset_for, fingerprint, is_text_benchmark, retain_rows
 from .data.collate import formatter_for
 from .errors import TrainingCollapsed, UserError
 from .ids import stable_hash
@@ -97,10 +97,6 @@ class SharedReference:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
-
-
-def retain_rows(bench):
-    return bench["train_oracle"] if "train_oracle" in bench else bench["retain"]
 
 
 def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = None):

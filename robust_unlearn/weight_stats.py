@@ -2,50 +2,14 @@
 checkpoint's metadata), the robust planners (``kth_quantile``) and the weight audit
 (``metrics.weights``): how far an unlearning update moved each weight, measured in NF4 bins (the
 quantity behind "unlearning hides, compression restores": Zhang et al. 2024 report updates 47-828x
-below a 4-bit step).
-
-The NF4 bin of a weight w in a block of 64 (bitsandbytes' blocksize, row-major order) with absmax
-``a`` is the decision region of its nearest code ``c_i`` (code table from
-``bitsandbytes.functional.get_4bit_type("nf4")``): ``a * ((c_{i+1} - c_{i-1}) / 2)``, with the ends
-of the table clipped at +-1.
+below a 4-bit step). The grid, its codes and bin widths are ``quant``'s (the floor's arithmetic).
 """
 from __future__ import annotations
 
 import torch
 
 from .compress import compressible_linears
-
-BLOCK = 64
-
-
-def nf4_code() -> torch.Tensor:
-    from .compress.quantize import load_bnb  # bitsandbytes with its no-news import notices filtered
-
-    return load_bnb().functional.get_4bit_type("nf4", device="cpu").float()
-
-
-def nf4_bin_width(w: torch.Tensor, blocksize: int = BLOCK) -> torch.Tensor:
-    """Per-element NF4 bin width of ``w`` (same shape), with bitsandbytes' blockwise absmax."""
-    code = nf4_code()
-    flat = w.detach().float().reshape(-1)
-    pad = (-flat.numel()) % blocksize
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    x = blocks / absmax
-    idx = (x.unsqueeze(-1) - code).abs().argmin(-1)
-    mids = torch.cat([torch.tensor([-1.0]), (code[1:] + code[:-1]) / 2, torch.tensor([1.0])])
-    width = (mids[idx + 1] - mids[idx]) * absmax
-    return width.reshape(-1)[: flat.numel()].view_as(w)
-
-
-def nf4_codes(w: torch.Tensor, blocksize: int = BLOCK) -> torch.Tensor:
-    """NF4 code index of each element under its own block's absmax (bitsandbytes' rounding: nearest)."""
-    code = nf4_code()
-    flat = w.detach().float().reshape(-1)
-    pad = (-flat.numel()) % blocksize
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
-    x = blocks / blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    return (x.unsqueeze(-1) - code).abs().argmin(-1).reshape(-1)[: flat.numel()].view_as(w)
+from .quant import bin_width, codes
 
 
 @torch.no_grad()
@@ -68,8 +32,8 @@ def update_stats(before: dict[str, torch.Tensor], model) -> dict:
         n += dw.numel()
         changed += int((dw > 0).sum())
         sum_dw += float(dw.sum())
-        sum_ratio += float((dw / nf4_bin_width(w0)).sum())
-        flipped += int((nf4_codes(w0) != nf4_codes(w1)).sum())
+        sum_ratio += float((dw / bin_width(w0, "nf4")).sum())
+        flipped += int((codes(w0, "nf4") != codes(w1, "nf4")).sum())
     if n == 0:
         return {"modules_changed": 0}
     return {"modules_changed": modules, "mean_abs_dw": sum_dw / n, "mean_dw_over_nf4_bin": sum_ratio / n,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from robust_unlearn.compress import compressible_linears, get_compression
-from robust_unlearn.compress.quantize import rtn_tensor
+from robust_unlearn.quant.rtn import rtn_tensor
 from robust_unlearn.errors import UserError
 from robust_unlearn.models import tiny_config
 

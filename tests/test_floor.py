@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from robust_unlearn.compress.quantize import rtn_tensor
 from robust_unlearn.errors import UserError
 from robust_unlearn.robust import floor as F
 
@@ -70,22 +69,6 @@ def test_parse_format_and_unknown_name():
     wt, wc, mask = case((4, 70), torch.float32)
     with pytest.raises(UserError):
         F.apply_floor(wt, wc, mask, formats=("nf4", "gptq"))
-
-
-def test_codes_match_bitsandbytes_and_rtn():
-    w = torch.randn(37, 150, generator=torch.Generator().manual_seed(0)) * 0.05
-    w[3, 7] = 0.0
-    w[4, :100] = 0.0  # blocks of zeros (zero absmax); the last block is partial (5550 = 86 * 64 + 46)
-    # nf4: our code index is bitsandbytes' nibble; fp4: the same value (fp4 has +0 and -0 nibbles)
-    assert torch.equal(torch.tensor(F._levels("nf4"))[F.codes(w, "nf4").long()].reshape(-1),
-                       F._bnb_4bit_values(w, "nf4"))
-    assert torch.equal(torch.tensor(F._levels("fp4"))[F.codes(w, "fp4").long()].reshape(-1),
-                       F._bnb_4bit_values(w, "fp4"))
-    assert torch.equal(F.codes(w, "int8").reshape(-1), F._bnb_int8_codes(w).int())
-    for name, bits_, group in (("rtn4-g128", 4, 128), ("rtn8", 8, None)):
-        d = F.scales(w, name)
-        g = F._group_index(tuple(w.shape), F.parse_format(name), w.device)
-        assert torch.equal((F.codes(w, name).reshape(-1) * d[g]).view_as(w), rtn_tensor(w, bits_, group))
 
 
 # ---- the kernel against the torch reference -------------------------------------------------------

@@ -1,20 +1,15 @@
-"""Compressions: each is a function from an in-memory model to an in-memory model (in place).
+"""The sweep's columns: each is a function from an in-memory model to an in-memory model.
 
 Names (the sweep's column names):
 - ``none``: full precision.
-- ``int8``: bitsandbytes LLM.int8() (Dettmers et al. 2022): each decoder linear is replaced by a
-  ``bnb.nn.Linear8bitLt`` (int8 weights, absmax per output row; outlier threshold 6.0), so the
-  forward pass runs bitsandbytes' int8 matmul with its fp16 outlier decomposition.
-- ``nf4``, ``nf4-dq``, ``fp4``: bitsandbytes 4-bit (blocksize 64; ``-dq`` = double quantization of
-  the block scales), weights quantized and dequantized by bitsandbytes' own functions.
-- ``rtn8``, ``rtn4``: round-to-nearest int-N per output channel; ``rtn8-g128``, ``rtn4-g128``: per
-  group of 128 input weights (Zhang et al. 2024, eq. 2: Q(w) = D * round(w / D), D = max|w| / 2^(N-1)).
+- every quantization format of ``quant`` (``nf4``, ``nf4-dq``, ``fp4``, ``int8``, ``rtn{4,8}[-gG]``,
+  ``gptq4-gG``, ``awq4-gG``): the format's ``compress`` (GPTQ / AWQ need a ``Calibration``);
 - ``prune10``, ``prune20``, ``prune30``: global magnitude pruning of all linear weights except
-  lm_head (zero the weights below the p-th percentile of |w|).
+  lm_head (zero the weights below the p-th percentile of |w|);
+- ``relearn-retain``, ``relearn-forget``: the relearning attack (``relearn``): a few fine-tuning steps
+  on retain data, or on one half of the forget set (the column is evaluated on the other half).
 Only the weights of ``nn.Linear`` modules inside the decoder are compressed; embeddings, norms and
 lm_head stay as they are (as bitsandbytes' ``load_in_4bit`` / ``load_in_8bit`` leave them).
-
-Not here yet (issue 3): GPTQ/AWQ.
 """
 from __future__ import annotations
 
@@ -25,8 +20,9 @@ import torch
 
 from ..errors import UserError
 from .linears import compressible_linears  # noqa: F401  (re-exported: the package's public name)
+from ..quant import is_format, parse_format
 from .prune import magnitude_prune
-from .quantize import bnb_4bit, bnb_int8, rtn
+from .relearn import RELEARN, relearn
 
 CompressFn = Callable[[torch.nn.Module], torch.nn.Module]
 
@@ -39,20 +35,22 @@ def check_compression(name: str, where: str = "compression") -> str:
     return name
 
 
-def get_compression(name: str) -> CompressFn:
+def get_compression(name: str, context=None) -> CompressFn:
+    """Column name -> model -> model. ``context``: what a column needs beyond the model (GPTQ / AWQ:
+    a ``quant.calibrated.Calibration``; relearning: a ``relearn.RelearnData``), bound here."""
     if name == "none":
         return lambda model: model
-    if name == "int8":
-        return bnb_int8
-    if name in ("nf4", "nf4-dq", "fp4"):
-        return lambda model: bnb_4bit(model, quant_type=name[:3], double_quant=name.endswith("-dq"))
-    m = re.fullmatch(r"rtn(4|8)(?:-g(\d+))?", name)
-    if m:
-        bits, group = int(m.group(1)), int(m.group(2)) if m.group(2) else None
-        return lambda model: rtn(model, bits=bits, group_size=group)
+    if is_format(name):
+        fmt = parse_format(name)
+        return lambda model: fmt.compress(model, context)
     m = re.fullmatch(r"prune(\d{1,2})", name)
     if m:
         return lambda model: magnitude_prune(model, int(m.group(1)) / 100)
+    if name in RELEARN:
+        return lambda model: relearn(model, name, context)
     raise UserError(f"unknown compression '{name}' (expected one of: none, int8, nf4, nf4-dq, fp4, rtn8, rtn4, "
-                    "rtn8-g128, rtn4-g128, prune10, prune20, prune30)")
+                    "rtn4-g<G>, gptq4-g<G>, awq4-g<G>, prune10, prune20, prune30, relearn-retain, relearn-forget)")
 
+
+def needs_calibration(name: str) -> bool:
+    return is_format(name) and parse_format(name).calibrated

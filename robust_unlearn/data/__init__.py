@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import UserError
 from .benchmarks import BENCHMARKS, Benchmark, benchmark_of
 from .tofu import forget_percent
 
@@ -99,6 +100,11 @@ def target_texts(bench) -> list[str]:
     return [t for r in rows for t in (r["question"], r["answer"])]
 
 
+def retain_rows(bench):
+    """The retain rows that training sees: the oracle's training rows where the benchmark has them."""
+    return bench["train_oracle"] if "train_oracle" in bench else bench["retain"]
+
+
 def dataset_for(cfg: dict, rows, tok):
     """Training items of ``rows`` for this recipe's benchmark: QA pairs in the model's prompt format
     (answer tokens trained), or raw text (every token trained; MUSE chunks, WMDP documents), both
@@ -109,6 +115,33 @@ def dataset_for(cfg: dict, rows, tok):
     if mode is not None:
         return TextDataset(rows, tok, cfg["model"]["max_length"], mode)
     return QADataset(rows, formatter_for(tok, cfg))
+
+
+def calibration_samples(cfg: dict, bench, tok) -> tuple[list[list[int]], str]:
+    """GPTQ / AWQ calibration (``sweep.calibration``): the rows of its split as the model sees them
+    (QA: prompt + answer in the recipe's prompt format; text benchmarks: the text), concatenated in
+    order and cut into ``samples`` rows of ``length`` tokens (fewer when the split is shorter; then one
+    row of what there is). -> (token-id rows, a description for the ledger)."""
+    c = cfg["sweep"]["calibration"]
+    split = c["split"]
+    if split not in bench:
+        raise UserError(f"sweep.calibration.split '{split}' is not a split of this benchmark "
+                        f"(expected one of: {', '.join(bench)})")
+    rows = bench[split]
+    if benchmark_of(cfg).text_mode is not None:
+        stream = [t for r in rows for t in tok(r["text"], add_special_tokens=False)["input_ids"]]
+    else:
+        from .collate import formatter_for  # late: collate imports torch
+
+        fmt = formatter_for(tok, cfg)
+        stream = [t for r in rows for t in fmt.encode(r["question"], r["answer"])[0]]
+    n, length = c["samples"], c["length"]
+    out = [stream[i * length:(i + 1) * length] for i in range(min(n, len(stream) // length))]
+    if not out and stream:
+        out = [stream[:length]]
+    if not out:
+        raise UserError(f"sweep.calibration.split '{split}' has no text to calibrate on")
+    return out, f"{split} {len(out)}x{len(out[0])} tokens"
 
 
 def fingerprint(rows) -> str:

@@ -1,12 +1,14 @@
 """The weight audit: where an unlearning update went, per module type, measured against the NF4
-grid (``weight_stats``: the NF4 bins and codes, ``update_stats``, ``kth_quantile``).
+grid, with the code-flip rate under every requested format (``quant``: the codes and bins the floor
+itself uses, so a floored checkpoint's flip rates are its guarantee).
 """
 from __future__ import annotations
 
 import torch
 
 from ..compress import compressible_linears
-from ..weight_stats import kth_quantile, nf4_bin_width, nf4_codes
+from ..quant import bin_width, codes, parse_format
+from ..weight_stats import kth_quantile
 
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -18,7 +20,7 @@ def module_type(name: str) -> str:
 
 @torch.no_grad()
 def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w: float = 0.10,
-          saved_dtype: torch.dtype | None = None) -> dict[str, dict]:
+          saved_dtype: torch.dtype | None = None, formats=("nf4",)) -> dict[str, dict]:
     """Per module type (q/k/v/o, gate/up/down; others by their own name) of ``model``'s linear
     weights against ``before`` (the target's, name -> tensor, rounded to ``saved_dtype``, the dtype the
     checkpoint was saved in, default the model's):
@@ -29,10 +31,12 @@ def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w
     - ``frac_changed``: fraction of weights that differ at all;
     - ``flip_rate``: among the changed weights, the fraction whose NF4 code index differs (each
       checkpoint quantized with its own block scales) — 1.0 means every update survives NF4;
+    - ``flip_rates``: the same per format of ``formats`` (names of ``quant``; nf4 always);
     - ``enrichment``: share of the top-``top_dw`` |dw| weights that lie in the bottom-``bottom_w``
       |w_target| of the type, divided by ``bottom_w`` (1 = no preference; > 1: the update sits on
       small weights, the ones magnitude pruning removes).
     """
+    names = list(dict.fromkeys(["nf4"] + [parse_format(f).name for f in formats]))
     acc: dict[str, dict[str, list]] = {}
     for name, mod in compressible_linears(model):
         key = f"{name}.weight"
@@ -43,20 +47,21 @@ def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w
         w0 = before[key].detach().to(saved_dtype or mod.weight.dtype).float().cpu()
         w1 = mod.weight.detach().float().cpu()
         dw = (w1 - w0).abs()
-        d = acc.setdefault(module_type(name), {"w0": [], "dw": [], "ratio": [], "flip": []})
+        d = acc.setdefault(module_type(name), {"w0": [], "dw": [], "ratio": [], **{f: [] for f in names}})
         d["w0"].append(w0.abs().reshape(-1))
         d["dw"].append(dw.reshape(-1))
-        d["ratio"].append((dw / nf4_bin_width(w0)).reshape(-1))
-        d["flip"].append((nf4_codes(w0) != nf4_codes(w1)).reshape(-1))
+        d["ratio"].append((dw / bin_width(w0, "nf4")).reshape(-1))
+        for f in names:
+            d[f].append((codes(w0, f) != codes(w1, f)).reshape(-1))
     out = {}
     order = [t for t in MODULE_TYPES if t in acc] + sorted(t for t in acc if t not in MODULE_TYPES)
     for t in order:
-        w0, dw, ratio, flip = (torch.cat(acc[t][k]) for k in ("w0", "dw", "ratio", "flip"))
+        w0, dw, ratio = (torch.cat(acc[t][k]) for k in ("w0", "dw", "ratio"))
         changed = dw > 0
         n_changed = int(changed.sum())
+        rates = {f: float(torch.cat(acc[t][f])[changed].float().mean()) if n_changed else float("nan") for f in names}
         row = {"params": dw.numel(), "mean_abs_dw": float(dw.mean()), "dw_over_nf4_bin": float(ratio.mean()),
-               "frac_changed": n_changed / dw.numel(),
-               "flip_rate": float(flip[changed].float().mean()) if n_changed else float("nan"),
+               "frac_changed": n_changed / dw.numel(), "flip_rate": rates["nf4"], "flip_rates": rates,
                "enrichment": float("nan")}
         if n_changed:
             top = dw >= max(kth_quantile(dw, 1 - top_dw), 1e-30)
@@ -68,14 +73,18 @@ def audit(before: dict[str, torch.Tensor], model, top_dw: float = 0.01, bottom_w
 
 def audit_table(rows: dict[str, dict[str, dict]]) -> str:
     """Markdown: one row per (checkpoint, module type). ``rows``: checkpoint label -> ``audit(...)``."""
-    lines = ["| checkpoint | module | params | mean abs dw | dw / NF4 bin | changed | NF4 flip rate (changed) | "
-             "top-1% dw in bottom-10% w (enrichment) |", "|---|---|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(f for per in rows.values() for r in per.values() for f in r.get("flip_rates", {"nf4": 0})))
+    names = names or ["nf4"]
+    heads = " | ".join(f"{'NF4' if f == 'nf4' else f} flip rate (changed)" for f in names)
+    lines = [f"| checkpoint | module | params | mean abs dw | dw / NF4 bin | changed | {heads} | "
+             "top-1% dw in bottom-10% w (enrichment) |", "|---|---|---|---|---|---|" + "---|" * len(names) + "---|"]
     for label, per in rows.items():
         if not per:
-            lines.append(f"| {label} | (no linear weight changed) | | | | | | |")
+            lines.append(f"| {label} | (no linear weight changed) | | | | | " + "| " * len(names) + "|")
         for t, r in per.items():
-            flip = "–" if r["frac_changed"] == 0 else f"{r['flip_rate']:.3f}"
+            rates = r.get("flip_rates", {"nf4": r["flip_rate"]})
+            flips = " | ".join("–" if r["frac_changed"] == 0 or f not in rates else f"{rates[f]:.3f}" for f in names)
             enr = "–" if r["frac_changed"] == 0 else f"{r['enrichment']:.2f}x"
             lines.append(f"| {label} | {t} | {r['params']:,} | {r['mean_abs_dw']:.2e} | {r['dw_over_nf4_bin']:.4f} | "
-                         f"{r['frac_changed']:.4f} | {flip} | {enr} |")
+                         f"{r['frac_changed']:.4f} | {flips} | {enr} |")
     return "\n".join(lines)

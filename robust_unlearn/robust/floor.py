@@ -7,23 +7,10 @@ quantizing the unlearned model gives back the target's codes and the forgotten a
 floor moves each updated weight that is still in the target's bin just past the edge of the
 neighbouring bin, in the direction of its update.
 
-Grids (codes as the quantizers compute them, all arithmetic in fp32; "own scales": each tensor is
-quantized with the scales of its own values):
-
-- ``nf4`` / ``fp4`` (bitsandbytes ``quantize_4bit``, ``compress.quantize.bnb_4bit``): the tensor
-  flattened row-major, blocks of 64 consecutive elements (the last one partial), ``S = max|w|`` per
-  block, ``x = w * (1 / max(S, 1e-38))``, code = number of midpoints ``m_j = (v_j + v_{j+1}) / 2``
-  of the sorted table values ``v`` (``get_4bit_type``) with ``m_j < x`` (nearest value; bitsandbytes'
-  default backend bucketizes against the same midpoints, its CUDA kernel uses the same thresholds in
-  a decision tree). fp4's table holds +0 and -0 (codes 0 and 8, same value): one level here, so fp4 has
-  15 levels and a code means a distinct value. ``nf4-dq`` has nf4's codes (double quantization only
-  quantizes the block scales afterwards).
-- ``int8`` (LLM.int8 weights: ``Int8Params`` casts the weight to fp16, then ``int8_vectorwise_quant``):
-  per output row ``S = max|w16|``, code = ``round(w16 * (127 / S))``, half to even (code 0 for an
-  all-zero row, where bitsandbytes divides by zero).
-- ``rtn{4,8}``, ``rtn{4,8}-g{G}`` (Zhang et al. 2024 eq. 2, ``compress.quantize.rtn_tensor``):
-  ``D = max|w| / 2^(N-1)`` per output row or per group of G consecutive weights of a row (``D = 1``
-  for an all-zero group), code = ``round(w / D)`` in ``[-2^(N-1), 2^(N-1)]``.
+Grids: the formats of ``quant`` (``quant.formats``: codes as the quantizers compute them, all
+arithmetic in fp32, each tensor quantized with the scales of its own values): nf4 / nf4-dq / fp4
+(bitsandbytes 4-bit, blocks of 64), int8 (LLM.int8 weights, per row of the fp16 weight), rtn{4,8}[-gG].
+GPTQ and AWQ choose codes with calibration data, so they are not floor formats (``floor_supported``).
 
 Rows: dimension 0 of the weight (a 1-d tensor is one row; more dims are flattened after dim 0).
 These codes equal bitsandbytes' on its default (CPU) backend (``tests/test_floor.py``); its CUDA
@@ -63,28 +50,27 @@ re-checks with bitsandbytes' own quantizers.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
+from ..quant import (KIND_INT8, KIND_TABLE, NAMES, QuantFormat, bounds, code_of, codes, domain, group_index, grouped,
+                     library_codes, multiplier, normalize, parse_format, rows_cols)
+from ..quant import scales  # noqa: F401  (re-exported: the floor's public name for a format's scales)
 
-BNB_BLOCK = 64
 DEFAULT_MARGIN = 0.2
 MIN_ULPS = 2
 MAX_ITERS = 32
 MAX_FORMATS = 6  # the kernel packs the target codes of all formats into one int64 (10 bits each)
 
-KIND_TABLE, KIND_INT8, KIND_RTN = 0, 1, 2
 # mantissa bits, biased fp32 exponent of the smallest ulp (fp16: subnormal spacing 2^-24)
 _DTYPE_ULP = {torch.float32: (23, 1), torch.bfloat16: (7, 1), torch.float16: (10, 103)}
 _FP16_ULP = (10, 103)
 
-FORMATS = ("nf4", "nf4-dq", "fp4", "int8", "rtn8", "rtn4", "rtn8-g128", "rtn4-g128")
+FORMATS = tuple(n for n in NAMES if parse_format(n).floor_supported)
 """Format names (as the sweep's compression names); rtn takes any group size ``-g<G>``."""
 
 
@@ -92,53 +78,14 @@ class FloorError(RuntimeError):
     """The floor could not establish its guarantee (did not converge, or the final check failed)."""
 
 
-@dataclass(frozen=True)
-class QuantFormat:
-    name: str
-    kind: int          # KIND_TABLE (bitsandbytes 4-bit), KIND_INT8 (LLM.int8), KIND_RTN
-    bits: int
-    group: int         # table: 64 consecutive elements of the flattened tensor; rtn/int8: G, 0 = whole row
-    quant_type: str = ""
-
-    @property
-    def key(self) -> tuple:
-        return self.kind, self.bits, self.group, self.quant_type
-
-    @property
-    def top(self) -> int:
-        """Largest code."""
-        if self.kind == KIND_TABLE:
-            return len(_levels(self.quant_type)) - 1
-        return 127 if self.kind == KIND_INT8 else 2 ** (self.bits - 1)
-
-    @property
-    def bottom(self) -> int:
-        return 0 if self.kind == KIND_TABLE else -self.top
-
-    @property
-    def unit(self) -> float:
-        """Quantization step per unit of scale S, as an fp32 value."""
-        u = {KIND_TABLE: 1.0, KIND_INT8: 1.0 / 127, KIND_RTN: 2.0 ** -(self.bits - 1)}[self.kind]
-        return float(torch.tensor(u, dtype=torch.float32))
-
-
-def parse_format(name) -> QuantFormat:
-    """``"nf4"``, ``"nf4-dq"``, ``"fp4"``, ``"int8"``, ``"rtn4"``, ``"rtn8"``, ``"rtn4-g128"``, ... -> QuantFormat."""
-    if isinstance(name, QuantFormat):
-        return name
-    s = str(name).strip().lower()
-    if s in ("nf4", "nf4-dq"):
-        return QuantFormat("nf4", KIND_TABLE, 4, BNB_BLOCK, "nf4")
-    if s == "fp4":
-        return QuantFormat("fp4", KIND_TABLE, 4, BNB_BLOCK, "fp4")
-    if s == "int8":
-        return QuantFormat("int8", KIND_INT8, 8, 0)
-    m = re.fullmatch(r"rtn(4|8)(?:-g(\d+))?", s)
-    if m and (m.group(2) is None or int(m.group(2)) > 0):
-        group = int(m.group(2)) if m.group(2) else 0
-        return QuantFormat(s, KIND_RTN, int(m.group(1)), group)
-    raise UserError(f"unknown quantization format {name!r} for the floor (expected one of: nf4, nf4-dq, fp4, int8, "
-                    "rtn4, rtn8, rtn4-g<G>, rtn8-g<G>)")
+def floor_format(name) -> QuantFormat:
+    """A format the floor can place weights on (``quant.parse_format``), else UserError."""
+    fmt = parse_format(name)
+    if not fmt.floor_supported:
+        raise UserError(f"the floor cannot place weights for '{fmt.name}': {fmt.quant_type.upper()} chooses its codes "
+                        f"with calibration data (expected a format whose codes follow from the weights: "
+                        f"{', '.join(FORMATS)}; rtn4-g{fmt.group} has the same group layout)")
+    return fmt
 
 
 def _parse_formats(formats) -> tuple[QuantFormat, ...]:
@@ -146,29 +93,13 @@ def _parse_formats(formats) -> tuple[QuantFormat, ...]:
         formats = (formats,)
     out: dict[tuple, QuantFormat] = {}
     for f in formats:
-        q = parse_format(f)
+        q = floor_format(f)
         out.setdefault(q.key, q)
     if not out:
         raise UserError("floor: no quantization format given (expected e.g. ['nf4'])")
     if len(out) > MAX_FORMATS:
         raise UserError(f"floor: at most {MAX_FORMATS} distinct formats at once, got {len(out)}")
     return tuple(out.values())
-
-
-@functools.lru_cache(maxsize=None)
-def _levels(quant_type: str) -> tuple[float, ...]:
-    """Sorted distinct values of bitsandbytes' 4-bit table (fp32 values)."""
-    from ..compress.quantize import load_bnb
-
-    code = load_bnb().functional.get_4bit_type(quant_type, device="cpu").float()
-    return tuple(float(v) for v in torch.unique(code))  # sorted; +0 and -0 are one value
-
-
-@functools.lru_cache(maxsize=None)
-def _bounds(quant_type: str) -> tuple[float, ...]:
-    """Decision thresholds (midpoints of consecutive levels, computed in fp32 as bitsandbytes does)."""
-    v = torch.tensor(_levels(quant_type), dtype=torch.float32)
-    return tuple(float(b) for b in (v[:-1] + v[1:]) / 2)
 
 
 def _place_table(fmt: QuantFormat, margin: float) -> torch.Tensor:
@@ -179,7 +110,7 @@ def _place_table(fmt: QuantFormat, margin: float) -> torch.Tensor:
     tab = torch.zeros(64, dtype=torch.float32)
     if fmt.kind != KIND_TABLE:
         return tab
-    b = torch.tensor(_bounds(fmt.quant_type), dtype=torch.float32)
+    b = torch.tensor(bounds(fmt.quant_type), dtype=torch.float32)
     one = torch.ones(1, dtype=torch.float32)
     lo = torch.cat([-one, b])  # bin j = (lo[j], hi[j]], clipped at +-1 for its width
     hi = torch.cat([b, one])
@@ -194,19 +125,6 @@ def _place_table(fmt: QuantFormat, margin: float) -> torch.Tensor:
     return tab
 
 
-def _rows_cols(shape) -> tuple[int, int]:
-    n = math.prod(shape)
-    rows = shape[0] if len(shape) >= 2 else 1
-    return rows, (n // rows if rows else 0)
-
-
-def _domain(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    """The fp32 values the format quantizes (int8: the fp16 weight, as ``Int8Params``)."""
-    if fmt.kind == KIND_INT8:
-        return w.to(torch.float16).float()
-    return w.float()
-
-
 @dataclass
 class _Stats:
     S: torch.Tensor      # [ng] fp32 group absmax
@@ -214,80 +132,19 @@ class _Stats:
     mult: torch.Tensor   # [ng] fp32: table 1/max(S, 1e-38), int8 127/S (0 if S = 0), rtn D (divisor)
 
 
-def _grouped_abs(w: torch.Tensor, fmt: QuantFormat, x: torch.Tensor | None = None) -> torch.Tensor:
-    """|w| (or ``x``, same shape) as [groups, group size], zero-padded."""
-    x = _domain(w, fmt).abs() if x is None else x
-    if fmt.kind == KIND_TABLE:
-        flat = x.reshape(-1)
-        return torch.nn.functional.pad(flat, (0, (-flat.numel()) % BNB_BLOCK)).view(-1, BNB_BLOCK)
-    rows, ncols = _rows_cols(tuple(w.shape))
-    g = fmt.group or ncols
-    x2 = x.reshape(rows, ncols)
-    return torch.nn.functional.pad(x2, (0, (-ncols) % g)).reshape(-1, g)
-
-
 def _stats(w: torch.Tensor, fmt: QuantFormat, pinned=None) -> _Stats:
     """Group scales of ``w``; with ``pinned = (kt, up, dn)`` (flat target codes, update directions) also
     ``Sx``, the absmax over the group's elements that are not pinned: pinned = updated inward from the
     target's extreme code and still on the extreme's side of zero."""
-    a = _grouped_abs(w, fmt)
-    S = a.amax(dim=1)
-    if fmt.kind == KIND_TABLE:
-        mult = 1.0 / S.clamp(min=1e-38)
-    elif fmt.kind == KIND_INT8:
-        mult = torch.where(S == 0, torch.zeros_like(S), 127.0 / S)
-    else:
-        d = S / 2 ** (fmt.bits - 1)
-        mult = torch.where(d == 0, torch.ones_like(d), d)
+    S = grouped(w, fmt).abs().amax(dim=1)
+    mult = multiplier(S, fmt)
     Sx = None
     if pinned is not None:
         kt, up, dn = pinned
-        dom = _domain(w, fmt).reshape(-1)
+        dom = domain(w, fmt).reshape(-1)
         pin = (dn & (kt == fmt.top) & (dom > 0)) | (up & (kt == fmt.bottom) & (dom < 0))
-        Sx = _grouped_abs(w, fmt, torch.where(pin, 0.0, dom.abs()).view(w.shape)).amax(dim=1).contiguous()
+        Sx = grouped(w, fmt, torch.where(pin, 0.0, dom.abs()).view(w.shape)).amax(dim=1).contiguous()
     return _Stats(S.contiguous(), Sx, mult.contiguous())
-
-
-def _group_index(shape, fmt: QuantFormat, device) -> torch.Tensor:
-    n = math.prod(shape)
-    i = torch.arange(n, device=device)
-    if fmt.kind == KIND_TABLE:
-        return i // BNB_BLOCK
-    rows, ncols = _rows_cols(shape)
-    if not fmt.group:
-        return i // ncols
-    gpr = -(-ncols // fmt.group)
-    row = i // ncols
-    return row * gpr + (i - row * ncols) // fmt.group
-
-
-def _normalize(d: torch.Tensor, mult: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    return d / mult if fmt.kind == KIND_RTN else d * mult
-
-
-def _code_of(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    if fmt.kind == KIND_TABLE:
-        b = torch.tensor(_bounds(fmt.quant_type), dtype=torch.float32, device=x.device)
-        return torch.bucketize(x, b).to(torch.int32)  # = number of thresholds < x
-    return torch.round(x).to(torch.int32)  # half to even, as torch.round in bnb / rtn_tensor
-
-
-def codes(w: torch.Tensor, fmt) -> torch.Tensor:
-    """Code of every element of ``w`` (same shape, int32) under ``w``'s own scales. nf4: bitsandbytes'
-    code index; fp4: index into the 15 distinct fp4 values (sorted); int8 / rtn: the signed integer."""
-    fmt = parse_format(fmt)
-    st = _stats(w, fmt)
-    g = _group_index(tuple(w.shape), fmt, w.device)
-    x = _normalize(_domain(w, fmt).reshape(-1), st.mult[g], fmt)
-    return _code_of(x, fmt).view(w.shape)
-
-
-def scales(w: torch.Tensor, fmt) -> torch.Tensor:
-    """The scale per group as the quantizer stores it: nf4/fp4 block absmax (64 consecutive elements of
-    the flattened tensor), int8 row absmax of the fp16 weight, rtn the step D (per row or group)."""
-    fmt = parse_format(fmt)
-    st = _stats(w, fmt)
-    return st.mult if fmt.kind == KIND_RTN else st.S
 
 
 def _ulp(a: torch.Tensor, mant: int, mine: int) -> torch.Tensor:
@@ -315,7 +172,7 @@ class _Plan:
         self.device = device
         self.mant, self.mine = _DTYPE_ULP[dtype]
         self.tables = torch.stack([_place_table(f, self.margin) for f in self.formats]).to(device)
-        rows, ncols = _rows_cols(self.shape)
+        rows, ncols = rows_cols(self.shape)
         self.layout = []  # (ncols, groups per row)
         for f in self.formats:
             if f.kind == KIND_TABLE:
@@ -339,7 +196,7 @@ class _Plan:
 
     def group_index(self, i: int) -> torch.Tensor:
         if self._gidx is None:
-            self._gidx = [_group_index(self.shape, f, self.device) for f in self.formats]
+            self._gidx = [group_index(self.shape, f, self.device) for f in self.formats]
         return self._gidx[i]
 
     # ---- the kernel's view of the plan
@@ -387,9 +244,9 @@ def _pass_torch(plan: _Plan, wt_raw, wc_raw, mask, st_t, st_c):
     kts = []
     for f, fmt in enumerate(plan.formats):
         g = plan.group_index(f)
-        dt, dc = _domain(wt, fmt), _domain(wc, fmt)
-        kt = _code_of(_normalize(dt, st_t[f].mult[g], fmt), fmt)
-        kc = _code_of(_normalize(dc, st_c[f].mult[g], fmt), fmt)
+        dt, dc = domain(wt, fmt), domain(wc, fmt)
+        kt = code_of(normalize(dt, st_t[f].mult[g], fmt), fmt)
+        kc = code_of(normalize(dc, st_c[f].mult[g], fmt), fmt)
         kts.append(kt)
         fail = upd & (kc == kt)
         ext = (up & (kt == fmt.top)) | (dn & (kt == fmt.bottom))
@@ -437,7 +294,7 @@ def _pass_torch(plan: _Plan, wt_raw, wc_raw, mask, st_t, st_c):
     still = torch.zeros_like(upd)
     for f, fmt in enumerate(plan.formats):
         g = plan.group_index(f)
-        kn = _code_of(_normalize(_domain(vr, fmt), st_c[f].mult[g], fmt), fmt)
+        kn = code_of(normalize(domain(vr, fmt), st_c[f].mult[g], fmt), fmt)
         still |= upd2 & (kn == kts[f])
     counts = [int(moved.sum()), int(rev.sum()), int(still.sum())]
     return out.view(plan.shape), counts
@@ -604,30 +461,6 @@ def _finish(plan: _Plan, wt, wc, mk, out, iterations, backend) -> FloorResult:
 
 
 # ---- independent check with the quantizers themselves ---------------------------------------------
-def _bnb_4bit_values(w: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Per element: the table value of bitsandbytes' own 4-bit code (``quantize_4bit``, blocksize 64;
-    two codes per byte, the first element in the high nibble). fp4's +0 / -0 codes compare equal."""
-    from ..compress.quantize import load_bnb
-
-    F = load_bnb().functional
-    n = w.numel()
-    packed, _ = F.quantize_4bit(w.detach().float().contiguous(), blocksize=BNB_BLOCK, quant_type=quant_type)
-    p = packed.reshape(-1).view(torch.uint8)
-    nib = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n].long()
-    table = F.get_4bit_type(quant_type, device=w.device).float()
-    return table[nib]
-
-
-def _bnb_int8_codes(w: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' LLM.int8 weight codes (``int8_vectorwise_quant`` of the fp16 weight, per row)."""
-    from ..compress.quantize import load_bnb
-
-    F = load_bnb().functional
-    rows, ncols = _rows_cols(tuple(w.shape))
-    cb, _, _ = F.int8_vectorwise_quant(w.detach().to(torch.float16).reshape(rows, ncols).contiguous())
-    return cb.reshape(-1)
-
-
 @torch.no_grad()
 def verify_flips(w_target, w_final, mask=None, formats=("nf4",)) -> dict[str, float]:
     """Fraction of the updated elements (mask and final != target) whose code differs from the
@@ -643,11 +476,8 @@ def verify_flips(w_target, w_final, mask=None, formats=("nf4",)) -> dict[str, fl
     n = int(upd.sum())
     out = {}
     for fmt in _parse_formats(formats):
-        if fmt.kind == KIND_TABLE:
-            a, b = _bnb_4bit_values(wt, fmt.quant_type), _bnb_4bit_values(w_final, fmt.quant_type)
-        elif fmt.kind == KIND_INT8:
-            a, b = _bnb_int8_codes(wt), _bnb_int8_codes(w_final)
-        else:
+        a, b = library_codes(wt, fmt), library_codes(w_final, fmt)
+        if a is None:  # rtn: no library; its formula (compress.quantize.rtn_tensor) is ``codes``
             a, b = codes(wt, fmt).reshape(-1), codes(w_final, fmt).reshape(-1)
         out[fmt.name] = float((a != b)[upd].float().mean()) if n else 1.0
     return out

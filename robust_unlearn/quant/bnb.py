@@ -1,12 +1,12 @@
-"""Quantization as model -> model: bitsandbytes 4-bit (NF4/FP4), bitsandbytes LLM.int8() and
-round-to-nearest int-N."""
+"""bitsandbytes' quantizers as model -> model (4-bit NF4/FP4, LLM.int8()) and their codes, the
+cross-check of ``formats.codes`` (``formats.library_codes``)."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from .linears import compressible_linears
+from ..compress.linears import compressible_linears
 
 
 class _DropMessages(logging.Filter):
@@ -50,29 +50,6 @@ def bnb_4bit(model, quant_type: str = "nf4", double_quant: bool = False, blocksi
     return model
 
 
-def rtn_tensor(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """Zhang et al. 2024, eq. 2: Q(w) = D * round(w / D), D = max|w| / 2^(N-1), per output channel
-    (row) or per group of ``group_size`` consecutive input weights of a row."""
-    out_f, in_f = w.shape
-    x = w.float()
-    if group_size:
-        pad = (-in_f) % group_size
-        x = torch.nn.functional.pad(x, (0, pad)).view(out_f, -1, group_size)
-    else:
-        x = x.view(out_f, 1, in_f)
-    d = x.abs().amax(dim=-1, keepdim=True) / 2 ** (bits - 1)
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    q = (torch.round(x / d) * d).view(out_f, -1)[:, :in_f]
-    return q.to(w.dtype)
-
-
-@torch.no_grad()
-def rtn(model, bits: int, group_size: int | None = None):
-    for _, lin in compressible_linears(model):
-        lin.weight.data = rtn_tensor(lin.weight.data, bits, group_size)
-    return model
-
-
 @torch.no_grad()
 def bnb_int8(model, threshold: float = 6.0):
     """LLM.int8() (Dettmers et al. 2022) with bitsandbytes itself: every decoder linear becomes a
@@ -98,3 +75,22 @@ def bnb_int8(model, threshold: float = 6.0):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     return model
+
+
+def bnb_4bit_values(w: torch.Tensor, quant_type: str, blocksize: int) -> torch.Tensor:
+    """Per element (flat): the table value of bitsandbytes' own 4-bit code (``quantize_4bit``; two
+    codes per byte, the first element in the high nibble). fp4's +0 / -0 codes compare equal."""
+    F = load_bnb().functional
+    n = w.numel()
+    packed, _ = F.quantize_4bit(w.detach().float().contiguous(), blocksize=blocksize, quant_type=quant_type)
+    p = packed.reshape(-1).view(torch.uint8)
+    nib = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n].long()
+    table = F.get_4bit_type(quant_type, device=w.device).float()
+    return table[nib]
+
+
+def bnb_int8_codes(w2d: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' LLM.int8 weight codes (flat): ``int8_vectorwise_quant`` of the fp16 [rows, cols] weight."""
+    F = load_bnb().functional
+    cb, _, _ = F.int8_vectorwise_quant(w2d.detach().to(torch.float16).contiguous())
+    return cb.reshape(-1)
