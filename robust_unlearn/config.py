@@ -393,7 +393,7 @@ _RANGES = {  # key -> allowed values (recipe keys outside unlearn)
     "sweep.holds_margin": _NONNEG,
     "sweep.calibration.samples": _COUNT,
     "sweep.calibration.length": _COUNT,
-    "sweep.calibration.awq_n_grid": _COUNT,
+    "sweep.calibration.awq_n_grid": _Range(3, whole=True),  # llm-compressor's duo-scaling grid needs 3
     "sweep.calibration.gptq_dampening": _Range(0, 1, open_lo=True),
     "sweep.relearn.steps": _COUNT,
     "sweep.relearn.lr": _POSITIVE,

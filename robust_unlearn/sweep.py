@@ -89,6 +89,7 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
     oracle_ref = suite.load_reference(Path(oracle)) if oracle else None
     out: dict[tuple[str, str], tuple[dict, Path]] = {}
     calibration = None  # GPTQ / AWQ calibration, built at the first calibrated column that runs
+    _check_groups(items, compressions, cfg["model"]["trust_remote_code"])
     for label, path, method, ckpt_id in items:
         is_oracle = label == ORACLE
         cols = list(dict.fromkeys(compressions))
@@ -117,9 +118,6 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
             if model is None:
                 model, tok = load_model(path, "float32", cfg["model"]["trust_remote_code"])
                 ev = evaluator or suite.evaluator(tok)
-                for c in cols:  # a group that does not divide a layer: one line, before any cell is evaluated
-                    if needs_calibration(c):
-                        parse_format(c).check_model(model)
             t0 = time.time()
             context, settings = None, None
             if needs_calibration(comp):
@@ -148,6 +146,27 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
         if is_oracle and oracle is None and own_none.is_file():
             oracle_ref = suite.load_reference(own_none)  # the reference for every later checkpoint
     return out
+
+
+def _check_groups(items, compressions, trust_remote_code: bool) -> None:
+    """Before any weights are read: every gptq / awq group divides each checkpoint architecture's layer
+    widths (the model built from its config on the meta device). UserError naming the layer if not."""
+    cal = [parse_format(c) for c in compressions if needs_calibration(c)]
+    if not cal:
+        return
+    from .compress import compressible_linears
+    from .models import meta_model
+
+    seen = set()
+    for _, path, _, _ in items:
+        model = meta_model(path, trust_remote_code)
+        widths = {n: lin.in_features for n, lin in compressible_linears(model)}
+        key = tuple(sorted(widths.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        for fmt in cal:
+            fmt.check_widths(widths)
 
 
 def _calibration(cfg: dict, bench, tok, run_dir: Path):

@@ -114,6 +114,34 @@ def test_audit_reports_per_module_type(setup):
     assert all(np.isnan(r["flip_rate"]) for r in rows.values() if r["frac_changed"] == 0)
 
 
+def test_audit_flip_rates_equal_the_floors_own_check(setup, tmp_path):
+    """The audit's per-format flip rates use the floor's codes: on a floored checkpoint they equal the
+    floor's guarantee check (``verify_flips``, bitsandbytes' own quantizers) over the same weights, and
+    the audit command reports every format the checkpoint's floor names (nf4 and int8 here)."""
+    cfg, bench, target, key, ref, out = setup
+    ckpt = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
+    _, wa = _weights(target)
+    model, wb = _weights(ckpt)
+    rows = audit(wa, model, formats=["nf4", "int8", "rtn4-g64"])
+    for fmt in ("nf4", "int8", "rtn4-g64"):
+        n_upd = n_flip = 0
+        for n in wa:
+            upd = wa[n] != wb[n]
+            if upd.any():
+                k = int(upd.sum())
+                n_upd += k
+                n_flip += round(verify_flips(wa[n], wb[n], upd, [fmt])[fmt] * k)
+        changed = sum(r["frac_changed"] * r["params"] for r in rows.values())
+        flipped = sum(r["flip_rates"][fmt] * r["frac_changed"] * r["params"] for r in rows.values() if r["frac_changed"])
+        assert round(changed) == n_upd and abs(flipped - n_flip) < 0.5, (fmt, flipped, n_flip)
+    assert all(r["flip_rates"]["nf4"] == 1.0 and r["flip_rates"]["int8"] == 1.0 for r in rows.values() if r["frac_changed"])
+    res = run_cli("audit", target, f"robust={ckpt}", "--formats", "rtn4-g64")
+    assert res.returncode == 0, res.stderr
+    assert "NF4 flip rate" in res.stdout and "int8 flip rate" in res.stdout and "rtn4-g64 flip rate" in res.stdout
+    res = run_cli("audit", target, f"robust={ckpt}", "--formats", "nf5")
+    assert res.returncode == 2 and "nf5" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_audit_command_prints_the_table_side_by_side(setup, tmp_path):
     cfg, bench, target, key, ref, out = setup
     robust = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)

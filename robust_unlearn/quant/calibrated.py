@@ -140,17 +140,19 @@ def oneshot_quantize(model, fmt, calibration: Calibration):
     if fmt.quant_type == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        modifier = GPTQModifier(config_groups=scheme, ignore=["lm_head"], dampening_frac=calibration.gptq_dampening)
-    else:
-        from llmcompressor.modifiers.awq import AWQModifier
+        recipe = [GPTQModifier(config_groups=scheme, ignore=["lm_head"], dampening_frac=calibration.gptq_dampening)]
+    else:  # AWQ's smoothing (its scale search on the scheme's grid), then the quantization itself
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        modifier = AWQModifier(config_groups=scheme, ignore=["lm_head"], n_grid=calibration.awq_n_grid)
+        recipe = [AWQModifier(n_grid=calibration.awq_n_grid),
+                  QuantizationModifier(config_groups=scheme, ignore=["lm_head"])]
     samples = calibration.samples
     if not samples:
         raise UserError(f"{fmt.name}: no calibration samples (expected sweep.calibration to select some text)")
     ds = Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(r) for r in samples]})
     with _cpu_safe():
-        oneshot(model=model, dataset=ds, recipe=[modifier], num_calibration_samples=len(samples),
+        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(samples),
                 max_seq_length=max(len(r) for r in samples), shuffle_calibration_samples=False)
     return model
 

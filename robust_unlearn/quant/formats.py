@@ -124,8 +124,13 @@ class QuantFormat:
             return
         from ..compress.linears import compressible_linears
 
-        widths = {n: lin.in_features for n, lin in compressible_linears(model)}
-        check_group(self, widths)
+        self.check_widths({n: lin.in_features for n, lin in compressible_linears(model)})
+
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """``widths``: layer name -> input features; UserError (one line) when a gptq / awq group does
+        not divide one."""
+        if self.kind == KIND_CT:
+            check_group(self, widths)
 
 
 def check_group(fmt: QuantFormat, widths: dict[str, int]) -> None:
