@@ -129,7 +129,40 @@ def _check_models(cfg: dict, problems: list[str], notes: list[str]) -> dict[str,
         notes.append(f"RMU's rmu_layer and rmu_params not checked against model.{role} ({descs[role]})")
     elif rmu:
         problems += _rmu_problems(cfg, rmu, configs[role], f"model.{role} '{m[role]}'")
+    problems += _group_problems(cfg, configs.get(role), f"model.{role} '{m[role]}'", notes)
     return models
+
+
+def _group_problems(cfg: dict, conf, where: str, notes: list[str]) -> list[str]:
+    """Each gptq / awq column's group against the layer widths of the model built on the meta device."""
+    from .compress import needs_calibration
+    from .quant import parse_format
+
+    cal = [c for c in cfg["sweep"]["compressions"] if needs_calibration(str(c))]
+    if not cal:
+        return []
+    if conf is None:
+        notes.append(f"the groups of {', '.join(cal)} not checked against the model (its config is not local)")
+        return []
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .compress import compressible_linears
+    from .errors import UserError
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg["model"]["trust_remote_code"])
+    except Exception as exc:  # an architecture transformers cannot build
+        return [f"{where}: cannot build the model from its config to check {cal[0]} ({str(exc).splitlines()[0]})"]
+    widths = {n: lin.in_features for n, lin in compressible_linears(model)}
+    out = []
+    for c in cal:
+        try:
+            parse_format(c).check_widths(widths)
+        except UserError as exc:
+            out.append(f"sweep.compressions: {exc}")
+    return out
 
 
 def _base_method(name: str) -> str | None:

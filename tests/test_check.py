@@ -108,6 +108,17 @@ def test_local_model_rmu_layer_and_params_are_checked(tiny_dir):
     assert check_recipe(None, models + ["unlearn.methods=[SURE_RMU,Robust_RMU]", "unlearn.rmu_layer=1"]).problems == []
 
 
+def test_gptq_awq_groups_and_floor_formats_are_checked(tiny_dir):
+    """The tiny model's layers are 64 and 256 wide: group 128 does not divide the 64-wide ones; the floor
+    cannot take a calibrated format."""
+    models = [f"model.target={tiny_dir}", f"model.oracle={tiny_dir}", "unlearn.methods=[GradDiff]"]
+    res = check_recipe(None, models + ["sweep.compressions=[none,gptq4-g64,awq4-g128]",
+                                       "unlearn.robust_floor=[nf4,gptq4-g64]"])
+    assert len(res.problems) == 2, res.problems
+    assert any("awq4-g128: group 128 does not divide layer" in p and "input width 64" in p for p in res.problems)
+    assert any("robust_floor" in p and "cannot place weights for 'gptq4-g64'" in p for p in res.problems)
+
+
 def test_missing_local_paths_are_problems(tmp_path):
     res = check_recipe(None, [f"model.target={tmp_path / 'no_target'}", "model.oracle=./no_oracle",
                               "data.name=tofu", f"data.path={tmp_path / 'no_data'}"])

@@ -104,6 +104,23 @@ def stored_codes(lin) -> torch.Tensor | None:
     return torch.round(x).to(torch.int32).reshape(-1)
 
 
+def checkpoint_codes(path: str | Path) -> dict[str, torch.Tensor]:
+    """The integer codes a saved compressed-tensors checkpoint stores (its ``weight_packed`` unpacked),
+    per layer name -> int8 [out, in] in [-8, 7]: what a deployment of that checkpoint computes with."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key.endswith(".weight_packed"):
+                    name = key[: -len(".weight_packed")]
+                    shape = torch.Size(f.get_tensor(f"{name}.weight_shape").tolist())
+                    out[name] = unpack_from_int32(f.get_tensor(key), 4, shape)
+    return out
+
+
 @contextlib.contextmanager
 def _cpu_safe():
     """Page-locked memory needs an accelerator: without one, llm-compressor's activation cache is not pinned."""
