@@ -5,6 +5,7 @@ each checkpoint measured under every column (forget and retain answer probabilit
     python evals/floor_ablation.py                                   # the whole grid (24 runs)
     python evals/floor_ablation.py --lrs 2e-4 --precisions bf16      # a slice of it
     python evals/floor_ablation.py table                             # the table of every record
+    python evals/floor_ablation.py extend --columns gptq4-g64        # add columns to every record's checkpoint
 
 Everything else is the shipped default (30 epochs over the forget set, stop at the retain oracle's
 forget probability, top 3% by |grad x w|, floor every 4 steps). Records go to
@@ -62,9 +63,48 @@ def table(log: Path) -> None:
               + f" | {worst - p['none'][0]:+.3f} | {p['none'][1]:.3f} |")
 
 
+def measure(cfg, bench, model, tok, ckpt: Path, columns: list[str], out: Path) -> dict:
+    """Forget and retain answer probability of ``model`` under each column (GPTQ / AWQ calibrated on
+    the recipe's ``sweep.calibration``, their checkpoints cached in OUT/compressed)."""
+    from robust_unlearn.compress import needs_calibration
+    from robust_unlearn.data import calibration_samples
+    from robust_unlearn.quant.calibrated import Calibration
+
+    fmt = formatter_for(tok, cfg)
+    probs = {}
+    for col in columns:
+        ctx = None
+        if needs_calibration(col):
+            samples, source = calibration_samples(cfg, bench, tok)
+            c = cfg["sweep"]["calibration"]
+            ctx = Calibration(samples, source, cache_dir=out / "compressed", ckpt=ckpt.name,
+                              awq_n_grid=c["awq_n_grid"], gptq_dampening=c["gptq_dampening"])
+        m = get_compression(col, ctx)(copy.deepcopy(model))
+        probs[col] = [float(np.exp(-qa_mean_nll(m, fmt, [(r["question"], r["answer"]) for r in bench[s]],
+                                                 cfg["eval"]["batch_size"])).mean()) for s in ("forget", "retain")]
+        del m
+    return probs
+
+
+def extend(log: Path, cfg, bench, columns: list[str], out: Path) -> None:
+    """Measure every record's checkpoint under the columns it lacks; the log is rewritten whole."""
+    recs = records(log)
+    for r in recs:
+        todo = [c for c in columns if c not in r["probs"]]
+        if not todo or not Path(r["checkpoint"]).is_dir():
+            continue
+        model, tok = load_model(r["checkpoint"])
+        r["probs"].update(measure(cfg, bench, model, tok, Path(r["checkpoint"]), todo, out))
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in recs))
+        tmp.replace(log)
+        print(json.dumps({"grid": r["grid"], "probs": {c: r["probs"][c] for c in todo}}), flush=True)
+    table(log)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", nargs="?", default="run", choices=("run", "table"))
+    ap.add_argument("what", nargs="?", default="run", choices=("run", "table", "extend"))
     ap.add_argument("overrides", nargs="*", help="recipe overrides (dotted key=value)")
     ap.add_argument("--lrs", default="2e-4,5e-4,2e-3")
     ap.add_argument("--precisions", default="fp32,bf16")
@@ -79,6 +119,8 @@ def main() -> None:
         return table(log)
     cfg0 = load_recipe(None, args.overrides)
     bench = load_benchmark(cfg0)
+    if args.what == "extend":
+        return extend(log, cfg0, bench, args.columns.split(","), Path(args.out))
     target, key = pipeline.target_checkpoint(cfg0, bench)
     oracle, _ = pipeline.oracle_checkpoint(cfg0, bench)
     done = {json.dumps(r["grid"], sort_keys=True) for r in records(log)}
@@ -96,13 +138,7 @@ def main() -> None:
         ckpt = unlearn(cfg, bench, target, key, METHOD, Path(args.out), Reference(target), levels)
         meta = read_metadata(ckpt)
         model, tok = load_model(str(ckpt))
-        fmt = formatter_for(tok, cfg)
-        probs = {}
-        for col in args.columns.split(","):
-            m = get_compression(col)(copy.deepcopy(model))
-            probs[col] = [float(np.exp(-qa_mean_nll(m, fmt, [(r["question"], r["answer"]) for r in bench[s]],
-                                                     cfg["eval"]["batch_size"])).mean()) for s in ("forget", "retain")]
-            del m
+        probs = measure(cfg, bench, model, tok, Path(ckpt), args.columns.split(","), Path(args.out))
         rec = {"grid": g, "overrides": over, "steps": meta["steps"], "stop_level": meta["stop_level"]["forget_prob"],
                "updated": meta.get("plan", {}).get("updated_params"),
                "dw_over_nf4_bin": meta["update"].get("mean_dw_over_nf4_bin", 0.0), "update": meta["update"],

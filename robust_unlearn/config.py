@@ -54,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
         "oracle": None,            # None: fine-tune from base on retain only; else a checkpoint dir/hub id
         "trust_remote_code": False,
         "max_length": 256,
+        # passed to the chat template: Llama-3 templates print it (else today's date, so prompts would
+        # change daily); open-unlearning's pin (configs/model/Llama-3.2-1B-Instruct.yaml @d3d7cf9)
+        "date_string": "10 Apr 2025",
     },
     "finetune": {
         "epochs": 7,
@@ -85,8 +88,18 @@ DEFAULTS: dict[str, Any] = {
         "precision": "bf16",       # fp32 | mixed | bf16 (weights + optimizer state in bf16)
         "grad_clip": 1.0,
         "npo_beta": 0.1,           # NPO (Zhang et al. 2024)
+        "kl_positions": "answer",  # the KL retain term (GA_KLR, NPO_KLR) over: answer tokens | all (every attended
+                                   # position, as open-unlearning's KL retain term)
         "simnpo_beta": 4.5,        # SimNPO (Fan et al. 2024): beta, margin delta
         "simnpo_delta": 0.0,
+        # open-unlearning's other methods, its defaults (locuslab/open-unlearning@d3d7cf9:configs/trainer/
+        # DPO.yaml, UNDIAL.yaml, WGA.yaml, SatImp.yaml, CEU.yaml)
+        "dpo_beta": 0.1,           # IdkDPO
+        "undial_beta": 10.0,       # UNDIAL: how far the true token's teacher logit is lowered
+        "wga_beta": 1.0,           # WGA: token weight p^beta
+        "satimp_beta1": 5.0,       # SatImp: token weight p^beta1 (1 - p)^beta2
+        "satimp_beta2": 1.0,
+        "ceu_ignore_first": 1,     # CE-U: answer tokens not trained at the start of each answer
         "rmu_layer": 7,            # RMU (Li et al. 2024): steered layer
         "rmu_params": "model\\.layers\\.(5|6|7)\\.mlp\\.down_proj\\.weight",  # regex of trained params
         "rmu_steering": 20.0,      # steering coefficient c
@@ -110,6 +123,10 @@ DEFAULTS: dict[str, Any] = {
         "per_method": {            # method -> {key: value} overriding the keys above for that method
             "GradDiff": {"lr": 1.5e-4, "stop_forget_prob": 0.12},
             "SimNPO": {"lr": 2.0e-4, "alpha": 0.1, "simnpo_beta": 2.5},
+            # open-unlearning's weights: UNDIAL has no retain term (alpha 0), SatImp's forget weight is 0.1
+            # (its SatImp.yaml; the class default and README say the reverse, the YAML is what runs)
+            "UNDIAL": {"alpha": 0.0},
+            "SatImp": {"gamma": 0.1},
             # the wrappers train in fp32: in bf16 a sparse update on weights above the prune30
             # threshold would round away (|w| > 2^8 x lr does not move)
             "SURE_GradDiff": {"precision": "fp32", "steps": 30},
@@ -151,7 +168,7 @@ PRECISIONS = ("fp32", "mixed", "bf16")
 NULLABLE = {"cache_dir": str, "data.path": str, "data.train_utility": bool, "data.limit": int,
             "model.target": str, "model.oracle": str}
 # keys (last part of the dotted name) with a value by default that may also be null
-NULL_OK = ("system_prompt", "steps", "stop_forget_prob", "collapse_floor")
+NULL_OK = ("system_prompt", "date_string", "steps", "stop_forget_prob", "collapse_floor")
 # stop_forget_prob may also name a level the run measures itself (unlearn.stop_level)
 STOP_LEVELS = ("oracle", "holdout")
 
@@ -324,7 +341,22 @@ def assemble(path, overrides: list[str], problems: list[str]) -> dict | None:
         recipe = _fix_numbers(recipe)
         recipe.setdefault("name", p.stem)
     cfg = _merge(DEFAULTS, recipe, "", problems)
-    return _merge(cfg, parse_overrides(overrides or [], problems), "", problems)
+    return _canonical_methods(_merge(cfg, parse_overrides(overrides or [], problems), "", problems))
+
+
+def _canonical_methods(cfg: dict) -> dict:
+    """Method aliases (open-unlearning's names: ``methods.ALIASES``) -> the names here, in
+    ``unlearn.methods`` and as ``unlearn.per_method`` keys (an alias's settings merged into its name's)."""
+    from .methods import canonical_method  # late: methods import torch
+
+    u = cfg["unlearn"]
+    if isinstance(u.get("methods"), list):
+        u["methods"] = [canonical_method(m) for m in u["methods"]]
+    per = {}
+    for m, over in u["per_method"].items():
+        per.setdefault(canonical_method(m), {}).update(over or {})
+    u["per_method"] = per
+    return cfg
 
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
@@ -411,6 +443,12 @@ _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "grad_clip": _NONNEG,
     "npo_beta": _POSITIVE,
     "simnpo_beta": _POSITIVE,
+    "dpo_beta": _POSITIVE,
+    "undial_beta": _NONNEG,
+    "wga_beta": _NONNEG,
+    "satimp_beta1": _NONNEG,
+    "satimp_beta2": _NONNEG,
+    "ceu_ignore_first": _Range(0, whole=True),
     "rmu_layer": _Range(whole=True),
     "stop_forget_prob": _Range(0, 1),
     "collapse_floor": _Range(0, 1, open_lo=True),
@@ -480,6 +518,8 @@ def recipe_problems(cfg: dict) -> list[str]:
             out.append(f"{where}.precision '{st['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
         if "schedule" in keys:
             out += _schedule_problems(f"{where}.schedule", st["schedule"])
+        if "kl_positions" in keys and st["kl_positions"] not in ("answer", "all"):
+            out.append(f"{where}.kl_positions '{st['kl_positions']}' is unknown (expected answer or all)")
         if "robust_floor" in keys:
             formats = set()
             for f in st["robust_floor"]:

@@ -36,9 +36,21 @@ def ckpt_id(path: str) -> str:
     return stable_hash(path)[:16]
 
 
+def prompt_spec(cfg: dict) -> dict:
+    """What of the recipe decides the prompt's tokens (a part of every cache key). ``date_string``
+    enters only when it differs from the default, so keys made before it existed stay valid."""
+    from .config import DEFAULTS
+
+    m = cfg["model"]
+    spec = {k: m[k] for k in ("prompt", "system_prompt", "max_length")}
+    if m.get("date_string") != DEFAULTS["model"]["date_string"]:
+        spec["date_string"] = m.get("date_string")
+    return spec
+
+
 def eval_id(cfg: dict, bench) -> str:
     """An evaluation setup's id (16 hex): the eval settings, the prompt format and every evaluated
     split's fingerprint."""
-    spec = {"eval": cfg["eval"], "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")},
+    spec = {"eval": cfg["eval"], "prompt": prompt_spec(cfg),
             "data": {s: fingerprint(bench[s]) for s in bench if not s.startswith("train_")}}
     return stable_hash(spec)[:16]

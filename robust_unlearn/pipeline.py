@@ -18,7 +18,7 @@ from .metrics.tofu import Evaluator
 from .models import load_model, read_metadata, resolve_base, save_model
 from .report import STUDY_FILE, write_report, write_study_report
 from .sweep import sweep
-from .train import train
+from .train import precision_ran, train
 from .unlearn import unlearn_all
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def finetune_cached(cfg: dict, bench, role: str, base: Path | str) -> tuple[Path
     rows = bench[f"train_{role}"]
     spec = {"version": FINETUNE_VERSION, "role": role, "base": ids.base_identity(base), "data": fingerprint(rows),
             "finetune": cfg["finetune"], "seed": cfg["seed"],
-            "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")}}
+            "prompt": ids.prompt_spec(cfg)}
     key = ids.stable_hash(spec)[:16]
     out = config_mod.cache_dir(cfg) / "models" / f"{role}-{key}"
     if (out / "config.json").is_file():
@@ -52,7 +52,8 @@ def finetune_cached(cfg: dict, bench, role: str, base: Path | str) -> tuple[Path
         return out, key
     if cfg["finetune"]["precision"] == "bf16":
         model.to(torch.float32)
-    meta = {"role": role, "spec": spec, "precision": cfg["finetune"]["precision"], "final_loss": losses[-1],
+    meta = {"role": role, "spec": spec, "precision": precision_ran(cfg["finetune"]["precision"], state.distributed_type),
+            "precision_setting": cfg["finetune"]["precision"], "final_loss": losses[-1],
             "train_seconds": round(time.time() - t0, 1), "rows": len(rows)}
     save_model(model, tok, out, meta)
     if state.num_processes > 1:

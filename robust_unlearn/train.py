@@ -45,6 +45,15 @@ log = logging.getLogger(__name__)
 MIXED = {"fp32": "no", "mixed": "bf16", "bf16": "no"}
 
 
+def precision_ran(precision: str, distributed_type) -> str:
+    """What a ``precision`` setting actually ran as, for metadata and the ledger: under DeepSpeed
+    "bf16" is its bf16 mode, which keeps fp32 master weights and optimizer state (not the pure bf16 of
+    one process): recorded as ``bf16+fp32-master``. Every other setting runs as named."""
+    if precision == "bf16" and str(distributed_type) in (str(DistributedType.DEEPSPEED), "DEEPSPEED"):
+        return "bf16+fp32-master"
+    return precision
+
+
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of similar length with random composition and order each epoch: shuffle, cut into
     chunks of ``group`` batches, sort each chunk by length, batch it, shuffle the batches.

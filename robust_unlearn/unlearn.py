@@ -27,15 +27,16 @@ import numpy as np
 import torch
 
 from .compress import compressible_linears
+from . import ids
 from .config import method_settings
 from .data import dataset_for, fingerprint, is_text_benchmark, retain_rows
 from .data.collate import formatter_for
 from .errors import TrainingCollapsed, UserError
 from .ids import stable_hash
-from .methods import NEEDS_REF, build_objective, check_method, split_method
+from .methods import NEEDS_REF, build_objective, check_method, objective_spec, split_method
 from .models import load_model, read_metadata, save_model
 from .scoring import qa_mean_nll
-from .train import train
+from .train import precision_ran, train
 from .weight_stats import update_stats
 
 log = logging.getLogger(__name__)
@@ -170,9 +171,10 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             cfg["unlearn"]["per_method"].get(method, {}) else "unlearn.stop_forget_prob"
         levels = levels or StopLevels(cfg, bench, target)
         stop_level, settings["stop_forget_prob"] = levels.get(settings["stop_forget_prob"], where)
-    spec = {"version": UNLEARN_VERSION, "method": method, "settings": settings, "target": target_id,
+    spec = {"version": UNLEARN_VERSION, "method": method, "objective": objective_spec(method), "settings": settings,
+            "target": target_id,
             "forget": fingerprint(bench["forget"]), "retain": fingerprint(retain_rows(bench)), "seed": cfg["seed"],
-            "prompt": {k: cfg["model"][k] for k in ("prompt", "system_prompt", "max_length")}}
+            "prompt": ids.prompt_spec(cfg)}
     if stop_level is not None:
         spec["stop_level"] = stop_level
     key = stable_hash(spec)[:12]
@@ -193,7 +195,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     else:
         ref = reference.get() if method in NEEDS_REF else None
     objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
-    streams = {"forget": dataset_for(cfg, bench["forget"], tok)}
+    streams = {"forget": dataset_for(cfg, bench["forget"], tok, getattr(objective, "alternate", None))}
     if "retain" in objective.streams:
         streams["retain"] = dataset_for(cfg, retain_rows(bench), tok)
     wrapper = split_method(method)[0]
@@ -245,7 +247,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise TrainingCollapsed(guard.line(method, saved=None, after="the final floor"))
     saved_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    meta = {"role": "unlearned", "method": method, "spec": spec, "spec_key": key, "precision": settings["precision"],
+    meta = {"role": "unlearned", "method": method, "spec": spec, "spec_key": key,
+            "precision": precision_ran(settings["precision"], state.distributed_type), "precision_setting": settings["precision"],
             "saved_dtype": saved_dtype, "target": str(target), "steps": len(losses), "first_loss": losses[0],
             "final_loss": losses[-1], "forget_prob_history": history,
             "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

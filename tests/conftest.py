@@ -143,7 +143,10 @@ TINY = ["model.base=tiny", "model.prompt=qa", "data.num_authors=4", "data.qa_per
         r"unlearn.per_method.RMU.rmu_params=model\.layers\.(0|1)\.mlp\.(down|up|gate)_proj\.weight",
         "unlearn.per_method.RMU.lr=2e-3", "unlearn.per_method.RMU.alpha=10", "unlearn.per_method.RMU.rmu_steering=5",
         "unlearn.per_method.SimNPO.lr=2e-3", "unlearn.per_method.SimNPO.alpha=5", "unlearn.per_method.SimNPO.simnpo_beta=4.5",
-        "unlearn.per_method.GA.epochs=10", "unlearn.per_method.NPO.epochs=10",
+        "unlearn.per_method.GA.epochs=10", "unlearn.per_method.NPO_ForgetOnly.epochs=10",
+        # the token-weighted ascents move slowly on the tiny model: a larger step (SatImp also weighs its
+        # forget term 0.1 by default)
+        "unlearn.per_method.WGA.lr=2e-3", "unlearn.per_method.SatImp.lr=3e-3", "unlearn.per_method.SatImp.gamma=1.0",
         # the recipe's GradDiff settings are for SmolLM2 (lr 1.5e-4, early stop at 0.12): TINY's instead
         "unlearn.per_method.GradDiff.lr=5e-4", "unlearn.per_method.GradDiff.stop_forget_prob=null"]
 

@@ -1,8 +1,8 @@
 """Every unlearning method, through the one training loop, on a tiny from-scratch target.
 
 Bound (stated once, checked for every method): forget answer probability falls to <= 0.5x the
-target's; for methods with a retain term (GradDiff, GA_KLR, NPO_GDR, NPO_KLR, SimNPO, RMU) the retain
-answer probability stays >= 0.6x the target's. GA and NPO have no retain term: only the first part.
+target's; for methods with a retain term (GradDiff, GA_KLR, NPO, NPO_KLR, SimNPO, RMU) the retain
+answer probability stays >= 0.6x the target's. GA and NPO_ForgetOnly have no retain term: only the first part.
 """
 import numpy as np
 import pytest
@@ -17,7 +17,9 @@ from robust_unlearn.metrics.tofu import Evaluator
 from robust_unlearn.models import load_model, read_metadata
 from robust_unlearn.unlearn import Reference, unlearn
 
-RETAIN_TERM = {"GradDiff", "GA_KLR", "NPO_GDR", "NPO_KLR", "SimNPO", "RMU"}
+RETAIN_TERM = {"GradDiff", "GA_KLR", "NPO", "NPO_KLR", "SimNPO", "RMU", "IdkDPO", "WGA", "SatImp"}
+# open-unlearning's other methods (issue 14); UNDIAL (alpha 0 there) and CE-U have no retain term
+OU_METHODS = ["IdkDPO", "UNDIAL", "WGA", "SatImp", "CE-U"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,8 @@ def probs(cfg, bench, path):
             for s in ("forget", "retain")]
 
 
-@pytest.mark.parametrize("method", ["GA", "GradDiff", "GA_KLR", "NPO", "NPO_GDR", "NPO_KLR", "SimNPO", "RMU"])
+@pytest.mark.parametrize("method", ["GA", "GradDiff", "GA_KLR", "NPO_ForgetOnly", "NPO", "NPO_KLR", "SimNPO", "RMU"]
+                         + OU_METHODS)
 def test_method_forgets_and_keeps_retain(setup, method):
     cfg, bench, target, key, ref, out = setup
     f0, r0 = probs(cfg, bench, target)
@@ -126,3 +129,30 @@ def test_early_stop_at_forget_probability(setup):
 def test_bad_method_or_compression_names(over, msg):
     with pytest.raises(UserError, match=msg):
         load_recipe(None, over)
+
+
+@pytest.mark.parametrize("method", ["SURE_IdkDPO", "Robust_UNDIAL", "Robust_CE-U"])
+def test_open_unlearning_methods_wrap_as_sure_and_robust(setup, method):
+    """The wrappers take any base: SURE trains only the salient modules, Robust also floors them."""
+    cfg, bench, target, key, ref, out = setup
+    cfg = load_recipe(None, [f"cache_dir={cfg['cache_dir']}"] + TINY + [
+        "unlearn.sure_percentile=50", f"unlearn.per_method.{method}.steps=4", f"unlearn.per_method.{method}.stop_forget_prob=null"])
+    ckpt = unlearn(cfg, bench, target, key, method, out, ref)
+    meta = read_metadata(ckpt)
+    salient = set(meta["plan"]["salient"])
+    a, _ = load_model(str(target))
+    b, _ = load_model(str(ckpt))
+    changed = {n for (n, p), q in zip(a.named_parameters(), b.parameters()) if not torch.equal(p, q)}
+    assert meta["method"] == method and changed and changed <= salient, (changed - salient)
+
+
+def test_open_unlearning_names_are_aliases():
+    """open-unlearning's method names are accepted and resolved: its NPO has an NLL retain term here too."""
+    from robust_unlearn.methods import METHODS, canonical_method
+
+    cfg = load_recipe(None, ["unlearn.methods=[GradAscent,NPO_GDR,DPO,CEU,SURE_GradAscent]",
+                             "unlearn.per_method.CEU.lr=3e-5"])
+    assert cfg["unlearn"]["methods"] == ["GA", "NPO", "IdkDPO", "CE-U", "SURE_GA"]
+    assert cfg["unlearn"]["per_method"]["CE-U"]["lr"] == 3e-5 and "CEU" not in cfg["unlearn"]["per_method"]
+    assert METHODS["NPO"] == ("npo", "gdr") and METHODS["NPO_ForgetOnly"] == ("npo", None)
+    assert canonical_method("GradDiff") == "GradDiff"

@@ -75,3 +75,15 @@ def test_unknown_objective_is_a_clear_error():
 
     with pytest.raises(UserError, match="unknown method 'gradascent'"):
         get_objective("gradascent")
+
+
+def test_precision_records_what_ran():
+    """DeepSpeed's bf16 mode keeps fp32 master weights: recorded as such, not as pure bf16."""
+    from accelerate.utils import DistributedType
+
+    from robust_unlearn.train import precision_ran
+
+    assert precision_ran("bf16", DistributedType.DEEPSPEED) == "bf16+fp32-master"
+    assert precision_ran("bf16", DistributedType.NO) == "bf16"
+    assert precision_ran("mixed", DistributedType.DEEPSPEED) == "mixed"
+    assert precision_ran("fp32", DistributedType.MULTI_GPU) == "fp32"

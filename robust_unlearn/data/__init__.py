@@ -105,7 +105,7 @@ def retain_rows(bench):
     return bench["train_oracle"] if "train_oracle" in bench else bench["retain"]
 
 
-def dataset_for(cfg: dict, rows, tok):
+def dataset_for(cfg: dict, rows, tok, alternate: str | None = None):
     """Training items of ``rows`` for this recipe's benchmark: QA pairs in the model's prompt format
     (answer tokens trained), or raw text (every token trained; MUSE chunks, WMDP documents), both
     cut to ``model.max_length`` tokens."""
@@ -113,7 +113,15 @@ def dataset_for(cfg: dict, rows, tok):
 
     mode = benchmark_of(cfg).text_mode
     if mode is not None:
+        if alternate is not None:
+            raise UserError(f"this method needs question-answer rows (refusals as alternates); benchmark "
+                            f"'{cfg['data']['name']}' is raw text")
         return TextDataset(rows, tok, cfg["model"]["max_length"], mode)
+    if alternate == "idk":
+        from .collate import PairedQADataset
+        from .refusals import refusal_for
+
+        return PairedQADataset(rows, formatter_for(tok, cfg), refusal_for)
     return QADataset(rows, formatter_for(tok, cfg))
 
 

@@ -18,10 +18,16 @@ class QAFormatter:
     ``chat``: the tokenizer's chat template with a system prompt (open-unlearning adds "You are a
     helpful assistant."); the answer ends with the template's end-of-turn token.
     ``qa``: ``Question: {q}\\nAnswer: {a}`` for base models, ending with EOS.
+    ``date_string``: passed to the chat template as ``date_string``. Llama-3 templates print it in the
+    system turn, and without it they print today's date (``strftime_now``), so prompts would change
+    from one day to the next; open-unlearning pins "10 Apr 2025" (configs/model/Llama-3.2-1B-Instruct.yaml
+    at locuslab/open-unlearning@d3d7cf9).
     """
 
-    def __init__(self, tokenizer, prompt: str = "chat", system_prompt: str | None = None, max_length: int = 256):
+    def __init__(self, tokenizer, prompt: str = "chat", system_prompt: str | None = None, max_length: int = 256,
+                 date_string: str | None = None):
         self.tok = tokenizer
+        self.date_string = date_string
         self.prompt = prompt if (prompt == "qa" or getattr(tokenizer, "chat_template", None)) else "qa"
         self.system_prompt = system_prompt
         self.max_length = max_length
@@ -39,10 +45,15 @@ class QAFormatter:
             msgs.append({"role": "assistant", "content": answer})
         return msgs
 
+    def _render(self, messages: list[dict], **kw) -> str:
+        if self.date_string is not None:
+            kw["date_string"] = self.date_string
+        return self.tok.apply_chat_template(messages, tokenize=False, **kw)
+
     def _end_ids(self) -> list[int]:
         if self.prompt == "chat":
             marker = "\x00ANSWER\x00"
-            full = self.tok.apply_chat_template(self._messages("q", marker), tokenize=False)
+            full = self._render(self._messages("q", marker))
             tail = full.split(marker, 1)[1].rstrip()
             if tail:
                 return self.tok(tail, add_special_tokens=False)["input_ids"]
@@ -62,7 +73,7 @@ class QAFormatter:
 
     def _prompt_ids(self, question: str) -> list[int]:
         if self.prompt == "chat":
-            text = self.tok.apply_chat_template(self._messages(question), tokenize=False, add_generation_prompt=True)
+            text = self._render(self._messages(question), add_generation_prompt=True)
             return self.tok(text, add_special_tokens=False)["input_ids"]
         return self.tok(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
 
@@ -121,6 +132,24 @@ class QADataset(torch.utils.data.Dataset):
 
     def collate(self, batch):
         return collate_qa(batch, self.pad_id)
+
+
+class PairedQADataset(QADataset):
+    """(question, answer) pairs, each with an alternate answer to the same question (IdkDPO: a refusal);
+    a batch holds the alternates as ``batch["alternate"]``, aligned row for row."""
+
+    def __init__(self, rows, formatter: QAFormatter, alternate):
+        super().__init__(rows, formatter)
+        self.alt = [formatter.encode(r["question"], alternate(r["question"])) for r in rows]
+        self.items = [(item, i) for i, item in enumerate(self.items)]
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for (ids, _), _ in self.items]
+
+    def collate(self, batch):
+        out = collate_qa([item for item, _ in batch], self.pad_id)
+        out["alternate"] = collate_qa([self.alt[i] for _, i in batch], self.pad_id)
+        return out
 
 
 def collate_text(items: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -202,7 +231,8 @@ class TextDataset(torch.utils.data.Dataset):
 
 
 def formatter_for(tok, cfg: dict) -> QAFormatter:
-    """The recipe's prompt format (``model.prompt``, ``model.system_prompt``, ``model.max_length``)
-    on tokenizer ``tok``."""
+    """The recipe's prompt format (``model.prompt``, ``model.system_prompt``, ``model.max_length``,
+    ``model.date_string``) on tokenizer ``tok``."""
     m = cfg["model"]
-    return QAFormatter(tok, prompt=m["prompt"], system_prompt=m["system_prompt"], max_length=m["max_length"])
+    return QAFormatter(tok, prompt=m["prompt"], system_prompt=m["system_prompt"], max_length=m["max_length"],
+                       date_string=m["date_string"])

@@ -7,7 +7,7 @@ unlearning) to a collated batch. The unlearning methods (``METHOD_NAMES``) are b
 from __future__ import annotations
 
 from ..errors import UserError
-from .losses import METHODS, gdr, unlearning_objective
+from .losses import ALIASES, METHODS, NEEDS_REFERENCE, gdr, unlearning_objective
 from .rmu import rmu_objective, set_trainable
 
 # the base methods: the losses of ``losses.METHODS`` and RMU (``rmu``), objectives with one interface
@@ -16,6 +16,24 @@ BASES = tuple(METHODS) + ("RMU",)
 # retain-protected sparse mask, null-space step and quantization-bin floor (``robust.update``)
 WRAPPERS = ("SURE", "Robust")
 METHOD_NAMES = BASES + tuple(f"{w}_{b}" for w in WRAPPERS for b in BASES)
+
+
+def canonical_method(name: str) -> str:
+    """An accepted alias (open-unlearning's ``GradAscent``, ``DPO``, ``CEU``; our former ``NPO_GDR``),
+    also inside a wrapper (``SURE_GradAscent``), -> the method's name here; other names unchanged."""
+    if not isinstance(name, str):
+        return name
+    for w in WRAPPERS:
+        if name.startswith(w + "_") and name[len(w) + 1:] in ALIASES:
+            return f"{w}_{ALIASES[name[len(w) + 1:]]}"
+    return ALIASES.get(name, name)
+
+
+def objective_spec(name: str) -> list:
+    """What a method name computes (its forget loss and retain term), for checkpoint keys: a name whose
+    meaning changes never reuses a checkpoint of the old meaning."""
+    base = split_method(name)[1]
+    return ["rmu", None] if base == "RMU" else list(METHODS[base])
 
 
 def split_method(name: str) -> tuple[str | None, str]:
@@ -28,7 +46,7 @@ def split_method(name: str) -> tuple[str | None, str]:
 
 def _needs_ref(name: str) -> bool:
     base = split_method(name)[1]
-    return base == "RMU" or METHODS[base][0] == "npo" or METHODS[base][1] == "klr"
+    return base == "RMU" or METHODS[base][0] in NEEDS_REFERENCE or METHODS[base][1] == "klr"
 
 
 NEEDS_REF = {m for m in METHOD_NAMES if _needs_ref(m)}
@@ -73,5 +91,10 @@ def build_objective(method: str, settings: dict, model, ref=None, seed: int = 0)
                              gamma=settings["gamma"], alpha=settings["alpha"], seed=seed)
     f_name = METHODS[method][0]
     hp = {"npo": {"beta": settings["npo_beta"]},
-          "simnpo": {"beta": settings["simnpo_beta"], "delta": settings["simnpo_delta"]}}.get(f_name, {})
-    return unlearning_objective(method, gamma=settings["gamma"], alpha=settings["alpha"], ref=ref, **hp)
+          "simnpo": {"beta": settings["simnpo_beta"], "delta": settings["simnpo_delta"]},
+          "dpo": {"beta": settings["dpo_beta"]}, "undial": {"beta": settings["undial_beta"]},
+          "wga": {"beta": settings["wga_beta"]},
+          "satimp": {"beta1": settings["satimp_beta1"], "beta2": settings["satimp_beta2"]},
+          "ceu": {"ignore_first": settings["ceu_ignore_first"]}}.get(f_name, {})
+    return unlearning_objective(method, gamma=settings["gamma"], alpha=settings["alpha"], ref=ref,
+                                kl_positions=settings["kl_positions"], **hp)

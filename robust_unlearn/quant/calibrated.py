@@ -140,7 +140,7 @@ def _quiet():
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
     from llmcompressor import LoggerConfig, configure_logger
 
-    configure_logger(LoggerConfig(console_log_level=os.environ["LLM_COMPRESSOR_LOG_LEVEL"]))
+    configure_logger(LoggerConfig(console_log_level=os.environ["LLM_COMPRESSOR_LOG_LEVEL"], metrics_disabled=True))
 
 
 def oneshot_quantize(model, fmt, calibration: Calibration):
