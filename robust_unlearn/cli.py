@@ -193,6 +193,8 @@ def cmd_evaluate(args) -> int:
         cfg_over.append(f"data.path={args.data_path}")
     if args.forget_split:
         cfg_over.append(f"data.forget_split={args.forget_split}")
+    if not any(o.startswith("eval.catalogue=") for o in cfg_over):
+        cfg_over.append("eval.catalogue=true")  # evaluate: the whole metric catalogue by default
     out = args.out if args.out is not None else os.path.join("runs", "evaluate")
     _check_out_dir(out)
     if args.label is not None and not args.label.strip():

@@ -73,6 +73,10 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 32,
         "max_new_tokens": 32,      # TOFU: greedy, up to 200 new tokens; built-in answers are <= 24 tokens
         "rouge": True,
+        # open-unlearning's membership attacks (mia_*), privleak, exact_memorization, extraction_strength
+        # (metrics.mia): `evaluate` turns it on unless set; `run` / `sweep` leave it off (it costs a
+        # backward pass per forget and holdout example, for mia_gradnorm)
+        "catalogue": False,
     },
     "unlearn": {
         "methods": ["GradDiff", "SimNPO", "RMU", "SURE_GradDiff", "Robust_GradDiff"],  # what `run` unlearns (robust_unlearn.methods.METHODS)

@@ -113,6 +113,68 @@ def qa_pass(model, fmt, pairs: list[tuple[str, str]], questions: list[str], batc
 
 
 @torch.no_grad()
+def qa_token_details(model, fmt, pairs: list[tuple[str, str]], batch_size: int) -> list[dict]:
+    """Per (question, answer), per answer token (end-of-turn tokens included): ``lp`` = log p of the
+    token, ``mu`` / ``sigma`` = mean / standard deviation (variance >= 1e-6) of log p under p at that
+    position, ``hit`` = whether the argmax is the token; ``n_core`` = the answer's own tokens before
+    the end-of-turn ones. numpy arrays; the membership attacks and memorization metrics read these."""
+    from .data.collate import collate_qa
+
+    n_end = len(fmt.end_ids)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i: i + batch_size]
+            enc = [fmt.encode(q, a) for q, a in chunk]
+            batch = {k: v.to(next(model.parameters()).device) for k, v in collate_qa(enc, fmt.pad_id).items()}
+            logits, target = answer_logits(model, batch)
+            logp = F.log_softmax(logits, dim=-1)
+            p = logp.exp()
+            mu = (p * logp).sum(-1)
+            var = ((p * logp * logp).sum(-1) - mu * mu).clamp(min=1e-6)
+            lp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            hit = logits.argmax(-1) == target
+            for j, (ids, n_prompt) in enumerate(enc):
+                m = target[j] != IGNORE
+                n = int(m.sum())
+                full = len(fmt.answer_ids(chunk[j][1]))  # before any cut to max_length
+                out.append({"lp": lp[j][m].cpu().numpy(), "mu": mu[j][m].cpu().numpy(),
+                            "sigma": var[j][m].sqrt().cpu().numpy(), "hit": hit[j][m].cpu().numpy(),
+                            "n_core": max(0, min(n, full - n_end))})
+    return out
+
+
+def qa_gradnorms(model, fmt, pairs: list[tuple[str, str]], n_core: list[int]) -> np.ndarray:
+    """Per (question, answer), one at a time: the mean over parameter tensors of the L2 norm of the
+    gradient of the mean NLL of its first ``n_core`` answer tokens (open-unlearning's GradNorm
+    attack). Parameters that cannot take a gradient (quantized int8 weights) are left out; the
+    model's ``requires_grad`` flags and gradients are put back afterwards."""
+    from .data.collate import collate_qa
+
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    out = []
+    try:
+        for (q, a), k in zip(pairs, n_core):
+            batch = {kk: v.to(params[0].device) for kk, v in collate_qa([fmt.encode(q, a)], fmt.pad_id).items()}
+            nll, mask = token_nll(model, batch)
+            keep = mask & (mask.long().cumsum(dim=1) <= max(k, 1))
+            loss = nll[keep].mean()
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            norms = [float(p.grad.norm(2)) for p in params if p.grad is not None]
+            out.append(float(np.mean(norms)) if norms else 0.0)
+    finally:
+        for p, f, g in zip(params, flags, saved):
+            p.grad = g
+            p.requires_grad_(f)
+    return np.array(out)
+
+
 def next_token_logprobs(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     """-> [n, vocab] float32 log-probabilities of the token after each prompt (one left-padded pass,
     positions counted from each prompt's first token, as :func:`shared_prompt_nll`'s first step)."""

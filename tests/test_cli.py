@@ -105,6 +105,15 @@ def test_evaluate_a_checkpoint(tmp_path, tiny_models):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "forget_quality" in res.stdout and "model_utility" in res.stdout
     assert {r["model"] for r in rows(tmp_path / "ev")} == {"tgt", "oracle"}  # the oracle: evaluated for forget_quality
+    # the whole catalogue by default (issue 14), against the oracle
+    from robust_unlearn.metrics.mia import METRICS
+
+    got = {r["model"]: {} for r in rows(tmp_path / "ev")}
+    for r in rows(tmp_path / "ev"):
+        got[r["model"]][r["metric"]] = r["value"]
+    assert set(METRICS) <= set(got["tgt"]) and set(METRICS) <= set(got["oracle"])
+    assert got["oracle"]["privleak"] == pytest.approx(0.0) and got["oracle"]["mia_reference"] == 0.5
+    assert all(r["split"] == "forget" for r in rows(tmp_path / "ev") if r["metric"] in METRICS)
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_dir", "missing_field", "bad_split", "no_weights",

@@ -12,7 +12,7 @@ from robust_unlearn.config import load_recipe
 from robust_unlearn.data import load_benchmark
 from robust_unlearn.data.collate import IGNORE, TextDataset, chunk_corpus, collate_text
 from robust_unlearn.errors import UserError
-from robust_unlearn.metrics import muse
+from robust_unlearn.metrics import mia, muse
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +66,14 @@ def test_chunking_as_muse(fixed_model):
 
 def test_min_k_auc_and_privleak_formulas():
     lp = np.log([0.5, 0.1, 0.9, 0.2, 0.8])
-    assert muse.min_k_score(lp) == pytest.approx(-(math.log(0.1) + math.log(0.2)) / 2)  # int(0.4 * 5) = 2
-    assert muse.min_k_score(np.log([0.3])) == pytest.approx(-math.log(0.3))  # at least one token
-    assert muse.auc([1.0, 2.0], [3.0, 4.0]) == 1.0 and muse.auc([3.0, 4.0], [1.0, 2.0]) == 0.0
-    assert muse.auc([1.0, 2.0], [2.0, 0.5]) == pytest.approx((0.5 + 0 + 1 + 0) / 4)  # one tie counts half
+    assert mia.min_k_score(lp) == pytest.approx(-(math.log(0.1) + math.log(0.2)) / 2)  # int(0.4 * 5) = 2
+    assert mia.min_k_score(np.log([0.3])) == pytest.approx(-math.log(0.3))  # at least one token
+    assert mia.auc([1.0, 2.0], [3.0, 4.0]) == 1.0 and mia.auc([3.0, 4.0], [1.0, 2.0]) == 0.0
+    assert mia.auc([1.0, 2.0], [2.0, 0.5]) == pytest.approx((0.5 + 0 + 1 + 0) / 4)  # one tie counts half
     # a target that still memorises: AUC 1 -> privleak -100 against a retain oracle at AUC 0.5
-    assert muse.privleak(1.0, 0.5) == pytest.approx(-100.0)
-    assert muse.privleak(0.5, 0.5) == 0.0 and muse.privleak(0.2, 0.4) == pytest.approx((0.8 - 0.6) / 0.6 * 100)
-    assert muse.privleak(1.0, 1.0) == 0.0  # an oracle at AUC 1 stays its own reference
+    assert mia.privleak(1.0, 0.5) == pytest.approx(-100.0)
+    assert mia.privleak(0.5, 0.5) == 0.0 and mia.privleak(0.2, 0.4) == pytest.approx((0.8 - 0.6) / 0.6 * 100)
+    assert mia.privleak(1.0, 1.0) == 0.0  # an oracle at AUC 1 stays its own reference
     assert muse.cut_at_stop("a b\n\nQuestion: x") == "a b" and muse.cut_at_stop(" c ") == "c"
     assert muse.knowmem_prompt([{"question": "q", "answer": "a"}], "r") == \
         "Question: q\n\nAnswer: a\n\n\nQuestion: r\n\nAnswer: "
@@ -142,7 +142,7 @@ def test_tiny_end_to_end_unlearn_sweep_report(muse_dir, tmp_path, cache_dir):
     assert cells[("oracle", "none")]["privleak"] == 0.0  # the oracle is its own reference
     auc_ref = cells[("oracle", "none")]["mia_min_k"]
     for key, got in cells.items():  # every cell against the uncompressed oracle
-        assert got["privleak"] == pytest.approx(muse.privleak(got["mia_min_k"], auc_ref))
+        assert got["privleak"] == pytest.approx(mia.privleak(got["mia_min_k"], auc_ref))
     splits = {r["metric"]: r["split"] for r in rows}
     assert splits["privleak"] == "forget" and splits["retain_knowmem_ROUGE"] == "retain"
     report = (out / "report.md").read_text()

@@ -93,7 +93,9 @@ TOFU_METRICS = Metrics(
     note="Metrics follow TOFU (Maini et al. 2024) as open-unlearning computes them; "
          "see `robust_unlearn/metrics/tofu.py` for the exact definitions.",
     reference_note="forget_quality compares every cell with the retain oracle's uncompressed forget truth ratios.",
-    ledger_splits=(("model_utility", "utility"),),
+    ledger_splits=(("model_utility", "utility"),) + tuple(  # the catalogue (metrics.mia) measures the forget set
+        (m, "forget") for m in ("mia_loss", "mia_zlib", "mia_reference", "mia_min_k", "mia_min_k_plus_plus",
+                                "mia_gradnorm", "privleak", "exact_memorization", "extraction_strength")),
 )
 
 

@@ -33,15 +33,14 @@ from tqdm.auto import tqdm
 from ..data.benchmarks import MUSE_SPLITS
 from ..data.collate import collate_prompts, collate_text
 from ..scoring import TokenizedEval, token_nll
+from .mia import NO_ORACLE_AUC, auc, min_k_score, privleak
 from .stats import load_stats
 
 log = logging.getLogger(__name__)
 
-MIN_K = 0.4
 VERBMEM_NEW_TOKENS = 128
 KNOWMEM_NEW_TOKENS = 32
 STOP_STRINGS = ("\n\n\n", "\n\nQuestion", "Question:")
-NO_ORACLE_AUC = 0.5
 GROUPS = MUSE_SPLITS  # data.benchmarks: verbmem_forget, knowmem_forget, knowmem_retain, privleak
 METRICS = ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak", "mia_min_k")
 
@@ -74,30 +73,6 @@ def knowmem_prompt(icl: list[dict], question: str) -> str:
 def cut_at_stop(text: str, stops=STOP_STRINGS) -> str:
     at = min([i for i in (text.find(s) for s in stops) if i >= 0], default=len(text))
     return text[:at].strip()
-
-
-def min_k_score(logprobs: np.ndarray, k: float = MIN_K) -> float:
-    """Minus the mean of the lowest ``max(1, int(k n))`` token log-probabilities (0 for no tokens)."""
-    lp = np.asarray(logprobs, dtype=np.float64)
-    if lp.size == 0:
-        return 0.0
-    n = max(1, int(len(lp) * k))
-    return -float(np.mean(np.sort(lp)[:n]))
-
-
-def auc(negatives: np.ndarray, positives: np.ndarray) -> float:
-    """ROC AUC of scores, positives labelled 1: P(pos > neg) + P(pos = neg) / 2."""
-    neg, pos = np.asarray(negatives, dtype=np.float64), np.asarray(positives, dtype=np.float64)
-    if neg.size == 0 or pos.size == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (pos.size * neg.size))
-
-
-def privleak(auc_model: float, auc_ref: float) -> float:
-    """In percent; the 1e-10 keeps an oracle at AUC 1 finite (open-unlearning's privleak)."""
-    return ((1.0 - auc_model) - (1.0 - auc_ref)) / (1.0 - auc_ref + 1e-10) * 100.0
 
 
 class MuseEvaluator(TokenizedEval):

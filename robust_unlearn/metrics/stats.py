@@ -10,12 +10,22 @@ import numpy as np
 
 def save_stats(path: Path, per: dict) -> None:
     """``per``: split -> stats dataclass; arrays as lists. Written to a temporary file, then renamed."""
-    obj = {split: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(st).items()}
-           for split, st in per.items()}
+    obj = {split: {k: _plain(v) for k, v in vars(st).items()} for split, st in per.items()}
     tmp = path.with_suffix(".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(obj))
     tmp.replace(path)
+
+
+def _plain(v):
+    """Arrays (also inside a dict, e.g. per-attack scores) as lists, numpy scalars as numbers."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
 
 
 def load_stats(path) -> dict | None:

@@ -11,6 +11,10 @@ Per QA pair, ``nll`` = mean token NLL of an answer given the question (question 
   ``forget_truth_ratio`` = mean(min(tr, 1/tr)); ``{retain,ra,wf}_Truth_Ratio`` = mean(max(0, 1 - tr)).
 - ``forget_quality``: KS two-sample p-value between 1/tr of the model and of the retain oracle on
   the forget set (scipy.stats.ks_2samp).
+- with ``eval.catalogue`` (on by default for ``evaluate``): open-unlearning's membership attacks
+  ``mia_loss``, ``mia_zlib``, ``mia_reference`` (against the retain oracle), ``mia_min_k``,
+  ``mia_min_k_plus_plus``, ``mia_gradnorm`` (forget vs holdout AUCs), ``privleak``,
+  ``exact_memorization`` and ``extraction_strength`` (``metrics.mia``).
 - ``model_utility``: harmonic mean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio,
   ra_Q_A_Prob_normalised, ra_Q_A_ROUGE, ra_Truth_Ratio, wf_Q_A_Prob_normalised, wf_Q_A_ROUGE,
   wf_Truth_Ratio; skipped (with a warning) when one of them could not be computed.
@@ -26,7 +30,8 @@ from scipy import stats
 
 from ..data.benchmarks import QA_SPLITS
 from ..data.collate import QAFormatter, formatter_for
-from ..scoring import qa_mean_nll, qa_pass
+from ..scoring import qa_gradnorms, qa_mean_nll, qa_pass, qa_token_details
+from . import mia
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,18 @@ class SplitStats:
     normalised: np.ndarray | None = None
     rouge: np.ndarray | None = None
     generations: list[str] = field(default_factory=list)
+    mia: dict | None = None  # attack -> per-example scores (forget and holdout, with eval.catalogue)
+
+
+@dataclass
+class OracleReference:
+    """What a cell is compared with, from the retain oracle's uncompressed stats: its forget truth
+    ratios (forget_quality) and, with the catalogue, its per-example answer NLLs on forget and holdout
+    (mia_reference) and its Min-K AUC (privleak)."""
+    truth_ratio: np.ndarray | None
+    forget_nll: np.ndarray | None = None
+    holdout_nll: np.ndarray | None = None
+    min_k_auc: float | None = None
 
 
 def forget_quality(model_tr: np.ndarray, oracle_tr: np.ndarray) -> float:
@@ -57,8 +74,10 @@ def truth_ratio_aggregate(tr: np.ndarray, split: str) -> float:
 
 
 class Evaluator:
-    def __init__(self, formatter: QAFormatter, batch_size: int = 32, max_new_tokens: int = 200, rouge: bool = True):
+    def __init__(self, formatter: QAFormatter, batch_size: int = 32, max_new_tokens: int = 200, rouge: bool = True,
+                 catalogue: bool = False):
         self.fmt = formatter
+        self.catalogue = catalogue
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.rouge = rouge
@@ -167,6 +186,11 @@ class Evaluator:
                 metrics[name] = truth_ratio_aggregate(st.truth_ratio, split)
                 if split in ("real_authors", "world_facts"):
                     metrics[f"{pre}_Q_A_Prob_normalised"] = float(st.normalised.mean())
+        ref = oracle_forget_tr if isinstance(oracle_forget_tr, OracleReference) else None
+        if ref is not None:
+            oracle_forget_tr = ref.truth_ratio
+        if self.catalogue and "forget" in per and "holdout" in per:
+            metrics.update(self.catalogue_metrics(model, rows, per, "self" if isinstance(oracle_forget_tr, str) else ref))
         if "forget" in per and per["forget"].truth_ratio is not None:
             if isinstance(oracle_forget_tr, str) and oracle_forget_tr == "self":  # the oracle itself
                 metrics["forget_quality"] = forget_quality(per["forget"].truth_ratio, per["forget"].truth_ratio)
@@ -182,6 +206,50 @@ class Evaluator:
         return metrics, per
 
 
+    def catalogue_metrics(self, model, rows: dict, per: dict, ref) -> dict:
+        """The membership attacks (forget = label 0, holdout = label 1), privleak and memorization;
+        ``ref``: the retain oracle's ``OracleReference``, "self" for the oracle, or None."""
+        import torch
+
+        scores, mem = {}, []
+        for split in ("forget", "holdout"):
+            pairs = [(r["question"], r["answer"]) for r in rows[split]]
+            det = [mia.TokenDetail(**d) for d in qa_token_details(model, self.fmt, pairs, self.batch_size)]
+            with torch.enable_grad():
+                gn = qa_gradnorms(model, self.fmt, pairs, [d.n_core for d in det])
+            ref_nll = None
+            if ref == "self":
+                ref_nll = [d.mean_nll for d in det]
+            elif ref is not None:
+                saved = ref.forget_nll if split == "forget" else ref.holdout_nll
+                if saved is not None and len(saved) == len(det):
+                    ref_nll = list(saved)
+            per_ex = [mia.example_scores(d, a, g, None if ref_nll is None else ref_nll[i])
+                      for i, (d, (_, a), g) in enumerate(zip(det, pairs, gn))]
+            scores[split] = {k: np.array([e[k] for e in per_ex]) for k in per_ex[0]} if per_ex else {}
+            per[split].mia = scores[split]
+            if split == "forget":
+                mem = [mia.memorization(d) for d in det]
+        out = {}
+        for name in mia.ATTACKS:
+            if name in scores["forget"] and name in scores["holdout"]:
+                out[name] = mia.auc(scores["forget"][name], scores["holdout"][name])
+            elif name == "mia_reference":
+                log.warning("mia_reference skipped: no retain-oracle answer NLLs for these rows")
+        if ref == "self":
+            auc_r = out["mia_min_k"]
+        elif ref is not None and ref.min_k_auc is not None:
+            auc_r = ref.min_k_auc
+        else:
+            auc_r = mia.NO_ORACLE_AUC
+            log.warning("privleak: no retain oracle Min-K AUC, using %.1f (open-unlearning's ref_value)", auc_r)
+        out["privleak"] = mia.privleak(out["mia_min_k"], auc_r)
+        for name in mia.MEMORIZATION:
+            vals = [m[name] for m in mem if not np.isnan(m[name])]
+            out[name] = float(np.mean(vals)) if vals else float("nan")
+        return out
+
+
 SPLITS = QA_SPLITS  # data.benchmarks: the QA benchmarks' evaluation splits
 
 
@@ -194,18 +262,32 @@ class TofuSuite:
         self.cfg = cfg
 
     def splits(self, compression: str) -> tuple[str, ...]:
-        # holdout (authors never trained on) is a property of the training data: uncompressed only
-        return SPLITS if compression == "none" else tuple(x for x in SPLITS if x != "holdout")
+        # holdout (authors never trained on) is a property of the training data: uncompressed only, unless
+        # the membership attacks need it (forget vs holdout) in every column
+        if compression == "none" or self.cfg["eval"]["catalogue"]:
+            return SPLITS
+        return tuple(x for x in SPLITS if x != "holdout")
 
     @staticmethod
-    def load_reference(path) -> np.ndarray | None:
-        """The forget truth ratios saved with a cell's per-example stats."""
+    def load_reference(path) -> OracleReference | None:
+        """The oracle's numbers saved with a cell's per-example stats (None without forget truth ratios)."""
         from .stats import load_stats
 
         saved = load_stats(path)
-        tr = None if saved is None else saved.get("forget", {}).get("truth_ratio")
-        return np.array(tr) if tr is not None else None
+        if saved is None:
+            return None
+        tr = saved.get("forget", {}).get("truth_ratio")
+        if tr is None or len(tr) == 0:
+            return None
+
+        def nll(split):
+            p = saved.get(split, {}).get("prob")
+            return -np.log(np.array(p)) if p is not None else None
+
+        f_mia, h_mia = (saved.get(s, {}).get("mia") or {} for s in ("forget", "holdout"))
+        k = mia.auc(f_mia["mia_min_k"], h_mia["mia_min_k"]) if "mia_min_k" in f_mia and "mia_min_k" in h_mia else None
+        return OracleReference(np.array(tr), nll("forget"), nll("holdout"), k)
 
     def evaluator(self, tok) -> Evaluator:
         e = self.cfg["eval"]
-        return Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"])
+        return Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"], e["catalogue"])
