@@ -45,6 +45,10 @@ DEFAULTS: dict[str, Any] = {
         "corpus_path": None,       # wmdp: the corpora, local dir or hub id (None: cais/wmdp-corpora)
         "mmlu_path": None,         # wmdp utility: MMLU CSV dir (test/<subject>_test.csv) or hub id (None: cais/mmlu)
         "wmdp_subsets": None,      # wmdp: question sets evaluated (None: [wmdp-bio, wmdp-cyber])
+        "doc_min_chars": 0,        # wmdp: keep corpus documents longer than this many characters (RMU: 0)
+        "doc_max_chars": None,     # wmdp: cut documents at this many characters (None: never, as RMU)
+        "retain_max_tokens": None, # raw-text benchmarks: retain documents truncated at this many tokens
+                                   # (None: model.max_length; RMU: 512)
     },
     "model": {
         "base": "smollm2-135m",    # smollm2-135m | tiny | a local checkpoint dir | a hub id
@@ -87,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
         "gamma": 1.0,              # forget-loss weight
         "alpha": 1.0,              # retain-regularizer weight
         "weight_decay": 0.01,
+        "adam_eps": 1.0e-8,        # AdamW's epsilon (torch's default; RMU uses 1e-6)
         "warmup_ratio": 0.0,
         "schedule": "constant",
         "precision": "bf16",       # fp32 | mixed | bf16 (weights + optimizer state in bf16)
@@ -170,6 +175,7 @@ DEFAULTS: dict[str, Any] = {
 PRECISIONS = ("fp32", "mixed", "bf16")
 # keys whose default is None: the type a value must have when it is not null
 NULLABLE = {"cache_dir": str, "data.path": str, "data.train_utility": bool, "data.limit": int,
+            "data.doc_max_chars": int, "data.retain_max_tokens": int,
             "model.target": str, "model.oracle": str}
 # keys (last part of the dotted name) with a value by default that may also be null
 NULL_OK = ("system_prompt", "date_string", "steps", "stop_forget_prob", "collapse_floor")
@@ -416,6 +422,9 @@ _RANGES = {  # key -> allowed values (recipe keys outside unlearn)
     "data.num_perturbed": _Range(3, whole=True),
     "data.holdout_authors": _Range(0, whole=True),
     "data.limit": _Range(1, whole=True),
+    "data.doc_min_chars": _Range(0, whole=True),
+    "data.doc_max_chars": _Range(1, whole=True),
+    "data.retain_max_tokens": _Range(1, whole=True),
     "model.max_length": _COUNT,
     "finetune.epochs": _POSITIVE,
     "finetune.lr": _POSITIVE,
@@ -446,6 +455,7 @@ _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "warmup_ratio": _FRACTION,
     "grad_clip": _NONNEG,
     "npo_beta": _POSITIVE,
+    "adam_eps": _POSITIVE,
     "simnpo_beta": _POSITIVE,
     "dpo_beta": _POSITIVE,
     "undial_beta": _NONNEG,

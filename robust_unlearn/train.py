@@ -189,7 +189,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     protocol = constraint if constraint is not None else Step()
     protocol.start()  # e.g. masks and target values, on the whole model before any partitioning
     params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no optimizer state
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=cfg.get("adam_eps", 1e-8))
     gen = torch.Generator().manual_seed(seed)
     loaders = {name: torch.utils.data.DataLoader(
                    ds, batch_sampler=LengthGroupedBatches(ds.lengths(), cfg["batch_size"], gen, short_last=n_proc > 1),

@@ -197,14 +197,14 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
     streams = {"forget": dataset_for(cfg, bench["forget"], tok, getattr(objective, "alternate", None))}
     if "retain" in objective.streams:
-        streams["retain"] = dataset_for(cfg, retain_rows(bench), tok)
+        streams["retain"] = dataset_for(cfg, retain_rows(bench), tok, retain=True)
     wrapper = split_method(method)[0]
     constraint, plan = None, None
     if wrapper is not None:  # SURE / Robust: which weights may move, chosen at the target weights
         from .robust.update import plan_update
 
         data = dict(streams)
-        data.setdefault("retain", dataset_for(cfg, retain_rows(bench), tok))
+        data.setdefault("retain", dataset_for(cfg, retain_rows(bench), tok, retain=True))
         constraint, plan = plan_update(model, objective, data, settings, robust=wrapper == "Robust", seed=cfg["seed"])
     history: list[tuple[int, float]] = []
     forget_prob = answer_prob_probe(cfg, bench, tok, "forget")

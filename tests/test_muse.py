@@ -166,4 +166,6 @@ def test_recipe_is_muse_setting():
     g = method_settings(cfg, "GradDiff")
     assert (g["lr"], g["epochs"], g["batch_size"], g["schedule"], g["stop_forget_prob"]) == (1e-5, 10.0, 32, "constant", None)
     assert cfg["unlearn"]["methods"] == ["GradDiff", "SimNPO", "RMU", "SURE_GradDiff", "Robust_GradDiff"]
+    s = method_settings(cfg, "SimNPO")  # Fan et al.'s MUSE-News setting, not their TOFU one (issue 14)
+    assert (s["simnpo_beta"], s["gamma"], s["alpha"], s["simnpo_delta"]) == (0.7, 1.0, 0.1, 0.1)
     assert cfg["sweep"]["compressions"] == ["none", "int8", "nf4", "fp4", "rtn4-g128", "prune10", "prune20", "prune30"]

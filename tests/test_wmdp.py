@@ -10,7 +10,7 @@ from conftest import REPO, SHARED, run_cli
 
 from robust_unlearn.config import load_recipe
 from robust_unlearn.data import load_benchmark
-from robust_unlearn.data.wmdp import MAX_CHARS, load_mmlu, read_mmlu_csvs
+from robust_unlearn.data.wmdp import load_mmlu, read_mmlu_csvs
 from robust_unlearn.errors import UserError
 from robust_unlearn.metrics import wmdp
 
@@ -33,19 +33,23 @@ def test_loader_as_rmu_and_lm_eval(wmdp_dirs):
     assert set(b) == {"forget", "retain", "train_target", "wmdp_bio", "wmdp_cyber", "mmlu"}
     assert "train_oracle" not in b  # WMDP has no retain oracle
     full = load_benchmark(recipe(wmdp_dirs))
-    assert len(full["forget"]) == 5  # "too short" (<= 50 characters) dropped, as RMU's data code
-    assert len(full["retain"]) == 5 and all(len(t) > 50 for t in full["retain"]["text"])  # wikitext: titles dropped
+    # RMU keeps every non-empty document (issue 14); data.doc_min_chars=50 drops the short ones
+    assert len(full["forget"]) == 6 and all(full["retain"]["text"])
+    short = load_benchmark(recipe(wmdp_dirs, "data.doc_min_chars=50"))
+    assert len(short["forget"]) == 5 and all(len(t) > 50 for t in short["retain"]["text"])
     r = full["wmdp_bio"][1]
     assert len(r["choices"]) == 4 and r["answer"] == 1
     other = load_benchmark(recipe(wmdp_dirs, "data.retain_corpus=cyber-retain-corpus", "data.wmdp_subsets=[wmdp-cyber]"))
     assert "wmdp_bio" not in other and len(other["retain"]) == 5
 
 
-def test_long_documents_are_cut_and_the_bio_corpus_is_gated(wmdp_dirs, tmp_path):
+def test_long_documents_are_kept_and_the_bio_corpus_is_gated(wmdp_dirs, tmp_path):
     q, c = wmdp_dirs
     (c / "bio-forget-corpus.jsonl").write_text(json.dumps({"text": "x" * 5000}) + "\n")  # the authors' file
     b = load_benchmark(recipe(wmdp_dirs, "data.forget_corpus=[bio-forget-corpus,cyber-forget-corpus]"))
-    assert len(b["forget"]) == 6 and len(b["forget"][0]["text"]) == MAX_CHARS
+    assert len(b["forget"]) == 7 and len(b["forget"][0]["text"]) == 5000  # RMU cuts no document
+    cut = load_benchmark(recipe(wmdp_dirs, "data.forget_corpus=[bio-forget-corpus]", "data.doc_max_chars=2000"))
+    assert len(cut["forget"][0]["text"]) == 2000
     with pytest.raises(UserError, match="gated"):
         load_benchmark(load_recipe(None, ["data.name=wmdp", f"data.path={q}", "data.forget_corpus=bio-forget-corpus"]))
     with pytest.raises(UserError, match="unknown subset 'wmdp-physics'"):
@@ -151,4 +155,8 @@ def test_recipe_is_rmu_paper_setting():
     assert (r["rmu_layer"], r["rmu_steering"], r["alpha"], r["lr"], r["steps"], r["batch_size"]) == (7, 6.5, 1200.0, 5e-5, 150, 4)
     assert r["rmu_params"] == r"model\.layers\.(5|6|7)\.mlp\.down_proj\.weight" and r["grad_clip"] == 0.0
     assert cfg["data"]["retain_corpus"] == "wikitext" and cfg["data"]["forget_corpus"] == ["cyber-forget-corpus"]
+    # RMU's own data and optimizer handling (issue 14): no character cut, retain text at 512 tokens, AdamW
+    # without weight decay, eps 1e-6
+    assert cfg["data"]["doc_min_chars"] == 0 and cfg["data"]["doc_max_chars"] is None
+    assert cfg["data"]["retain_max_tokens"] == 512 and r["weight_decay"] == 0.0 and r["adam_eps"] == 1e-6
     assert cfg["sweep"]["compressions"] == ["none", "int8", "nf4", "fp4", "rtn4-g128", "prune10", "prune20", "prune30"]

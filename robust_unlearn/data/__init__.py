@@ -105,7 +105,7 @@ def retain_rows(bench):
     return bench["train_oracle"] if "train_oracle" in bench else bench["retain"]
 
 
-def dataset_for(cfg: dict, rows, tok, alternate: str | None = None):
+def dataset_for(cfg: dict, rows, tok, alternate: str | None = None, retain: bool = False):
     """Training items of ``rows`` for this recipe's benchmark: QA pairs in the model's prompt format
     (answer tokens trained), or raw text (every token trained; MUSE chunks, WMDP documents), both
     cut to ``model.max_length`` tokens."""
@@ -116,7 +116,10 @@ def dataset_for(cfg: dict, rows, tok, alternate: str | None = None):
         if alternate is not None:
             raise UserError(f"this method needs question-answer rows (refusals as alternates); benchmark "
                             f"'{cfg['data']['name']}' is raw text")
-        return TextDataset(rows, tok, cfg["model"]["max_length"], mode)
+        limit = cfg["model"]["max_length"]
+        if retain and cfg["data"]["retain_max_tokens"]:  # RMU truncates its retain text shorter
+            limit = min(limit, cfg["data"]["retain_max_tokens"])
+        return TextDataset(rows, tok, limit, mode)
     if alternate == "idk":
         from .collate import PairedQADataset
         from .refusals import refusal_for

@@ -38,7 +38,9 @@ WIKITEXT = ("wikitext", "wikitext-2-raw-v1", "test")  # RMU's retain corpus: hub
 SUBSETS = ("wmdp-bio", "wmdp-cyber", "wmdp-chem")
 DEFAULT_SUBSETS = ("wmdp-bio", "wmdp-cyber")
 DEFAULT_FORGET, DEFAULT_RETAIN = "cyber-forget-corpus", "wikitext"  # corpora
-MIN_CHARS, MAX_CHARS = 50, 2000  # RMU's get_data: keep documents longer than 50 characters, cut at 2000
+# RMU's own data handling (centerforaisafety/wmdp:rmu/unlearn.py, as issue 14 read it; the repository could not
+# be fetched here to pin a commit): documents of any non-zero length, none cut (data.doc_min_chars /
+# data.doc_max_chars change that); retain text truncated at 512 tokens (data.retain_max_tokens in the recipe)
 GATED = "bio-forget-corpus"
 MC_FIELDS = ("question", "choices", "answer")
 
@@ -63,7 +65,7 @@ def split_name(subset: str) -> str:
     return subset.replace("-", "_")
 
 
-def _corpus(name: str, corpus_path: str) -> list[dict]:
+def _corpus(name: str, corpus_path: str, min_chars: int = 0, max_chars: int | None = None) -> list[dict]:
     if name == "wikitext":
         hub, config, split = WIKITEXT
         local = is_local(corpus_path) and Path(corpus_path).expanduser().is_dir() \
@@ -76,7 +78,7 @@ def _corpus(name: str, corpus_path: str) -> list[dict]:
                             f"to a directory holding {GATED}.jsonl")
         rows = load_split(corpus_path, name, "train", ("text",), "WMDP corpus")
     texts = [str(r["text"]) for r in rows]
-    return [{"text": t[:MAX_CHARS]} for t in texts if len(t) > MIN_CHARS]
+    return [{"text": t[:max_chars] if max_chars else t} for t in texts if len(t) > min_chars]
 
 
 def _mc_rows(rows: list[dict], where: str) -> list[dict]:
@@ -131,11 +133,12 @@ def load_wmdp(d: dict) -> dict[str, list[dict]]:
     """``d``: the recipe's ``data`` section."""
     path = d["path"] or QUESTIONS_HUB
     corpus_path = d["corpus_path"] or CORPORA_HUB
-    forget = [r for n in names(d["forget_corpus"], [DEFAULT_FORGET]) for r in _corpus(n, corpus_path)]
-    retain = [r for n in names(d["retain_corpus"], [DEFAULT_RETAIN]) for r in _corpus(n, corpus_path)]
+    lo, hi = d["doc_min_chars"], d["doc_max_chars"]
+    forget = [r for n in names(d["forget_corpus"], [DEFAULT_FORGET]) for r in _corpus(n, corpus_path, lo, hi)]
+    retain = [r for n in names(d["retain_corpus"], [DEFAULT_RETAIN]) for r in _corpus(n, corpus_path, lo, hi)]
     if not forget or not retain:
         raise UserError(f"WMDP: the {'forget' if not forget else 'retain'} corpus has no document longer than "
-                        f"{MIN_CHARS} characters")
+                        f"{lo} characters (data.doc_min_chars)")
     out = {"forget": forget, "retain": retain, "train_target": forget + retain}
     for subset in names(d["wmdp_subsets"], DEFAULT_SUBSETS):
         rows = load_split(path, subset, "test", MC_FIELDS, "WMDP questions")
