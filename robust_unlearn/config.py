@@ -81,6 +81,9 @@ DEFAULTS: dict[str, Any] = {
         # (metrics.mia): `evaluate` turns it on unless set; `run` / `sweep` leave it off (it costs a
         # backward pass per forget and holdout example, for mia_gradnorm)
         "catalogue": False,
+        # default | open-unlearning: its evaluation inputs (an EOS appended to each answer, attention mask
+        # input_ids != pad, generation stopping at every generation_config EOS id), to reproduce its numbers
+        "input_format": "default",
     },
     "unlearn": {
         "methods": ["GradDiff", "SimNPO", "RMU", "SURE_GradDiff", "Robust_GradDiff"],  # what `run` unlearns (robust_unlearn.methods.METHODS)
@@ -502,6 +505,8 @@ def recipe_problems(cfg: dict) -> list[str]:
         out.append(str(exc))
     if cfg["finetune"]["precision"] not in PRECISIONS:
         out.append(f"finetune.precision '{cfg['finetune']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
+    if cfg["eval"]["input_format"] not in ("default", "open-unlearning"):
+        out.append(f"eval.input_format '{cfg['eval']['input_format']}' is unknown (expected default or open-unlearning)")
     if cfg["model"]["prompt"] not in ("chat", "qa"):
         out.append(f"model.prompt '{cfg['model']['prompt']}' is unknown (expected chat or qa)")
     from .methods import check_method  # late: methods import torch

@@ -91,6 +91,8 @@ def qa_pass(model, fmt, pairs: list[tuple[str, str]], questions: list[str], batc
     ``questions`` (decoded, special tokens skipped), every prompt run once whatever it serves.
     Answers are cut to fit ``fmt.max_length`` after their prompt. -> (NLLs aligned with ``pairs``,
     question -> generated text)."""
+    if getattr(fmt, "input_format", "default") == "open-unlearning":
+        return _open_unlearning_pass(model, fmt, pairs, questions, batch_size, max_new_tokens)
     order: dict[str, list[int]] = {}
     for i, (q, _) in enumerate(pairs):
         order.setdefault(q, []).append(i)
@@ -113,20 +115,48 @@ def qa_pass(model, fmt, pairs: list[tuple[str, str]], questions: list[str], batc
 
 
 @torch.no_grad()
+def _open_unlearning_pass(model, fmt, pairs, questions, batch_size: int, max_new_tokens: int):
+    """``qa_pass`` with open-unlearning's inputs: whole right-padded sequences with its attention mask
+    (``fmt.collate``), no shared-prompt cache (the mask hides tokens inside prompts), and greedy
+    ``generate`` from left-padded prompts (mask: not pad) stopping at every EOS id of the model's
+    generation_config."""
+    from .data.collate import collate_prompts
+
+    device = next(model.parameters()).device
+    nll = np.zeros(len(pairs))
+    texts: dict[str, str] = {}
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            enc = [fmt.encode(q, a) for q, a in pairs[i: i + batch_size]]
+            batch = {k: v.to(device) for k, v in fmt.collate(enc).items()}
+            total, count = answer_nll(model, batch)
+            nll[i: i + len(enc)] = (total / count.clamp(min=1)).cpu().numpy()
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stops = sorted({*(eos if isinstance(eos, list) else [eos]), fmt.tok.eos_token_id} - {None})
+        qs = list(dict.fromkeys(questions))
+        for i in range(0, len(qs), batch_size):
+            left = collate_prompts([fmt.prompt_ids(q) for q in qs[i: i + batch_size]], fmt.pad_id)
+            ids = left["input_ids"].to(device)
+            mask = left["attention_mask"].to(device) * (ids != fmt.pad_id).long()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=fmt.pad_id)
+            for q, row in zip(qs[i: i + batch_size], out[:, ids.shape[1]:].tolist()):
+                texts[q] = fmt.tok.decode(row, skip_special_tokens=True).strip()
+    return nll, texts
+
+
 def qa_token_details(model, fmt, pairs: list[tuple[str, str]], batch_size: int) -> list[dict]:
     """Per (question, answer), per answer token (end-of-turn tokens included): ``lp`` = log p of the
     token, ``mu`` / ``sigma`` = mean / standard deviation (variance >= 1e-6) of log p under p at that
     position, ``hit`` = whether the argmax is the token; ``n_core`` = the answer's own tokens before
     the end-of-turn ones. numpy arrays; the membership attacks and memorization metrics read these."""
-    from .data.collate import collate_qa
-
     n_end = len(fmt.end_ids)
     out = []
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i: i + batch_size]
             enc = [fmt.encode(q, a) for q, a in chunk]
-            batch = {k: v.to(next(model.parameters()).device) for k, v in collate_qa(enc, fmt.pad_id).items()}
+            batch = {k: v.to(next(model.parameters()).device) for k, v in fmt.collate(enc).items()}
             logits, target = answer_logits(model, batch)
             logp = F.log_softmax(logits, dim=-1)
             p = logp.exp()
@@ -149,8 +179,6 @@ def qa_gradnorms(model, fmt, pairs: list[tuple[str, str]], n_core: list[int]) ->
     gradient of the mean NLL of its first ``n_core`` answer tokens (open-unlearning's GradNorm
     attack). Parameters that cannot take a gradient (quantized int8 weights) are left out; the
     model's ``requires_grad`` flags and gradients are put back afterwards."""
-    from .data.collate import collate_qa
-
     params = [p for p in model.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     saved = [p.grad for p in params]
@@ -160,7 +188,7 @@ def qa_gradnorms(model, fmt, pairs: list[tuple[str, str]], n_core: list[int]) ->
     out = []
     try:
         for (q, a), k in zip(pairs, n_core):
-            batch = {kk: v.to(params[0].device) for kk, v in collate_qa([fmt.encode(q, a)], fmt.pad_id).items()}
+            batch = {kk: v.to(params[0].device) for kk, v in fmt.collate([fmt.encode(q, a)]).items()}
             nll, mask = token_nll(model, batch)
             keep = mask & (mask.long().cumsum(dim=1) <= max(k, 1))
             loss = nll[keep].mean()

@@ -12,6 +12,9 @@ import torch
 IGNORE = -100
 
 
+INPUT_FORMATS = ("default", "open-unlearning")
+
+
 class QAFormatter:
     """Turns (question, answer) into token ids for one model's prompt convention.
 
@@ -25,9 +28,16 @@ class QAFormatter:
     """
 
     def __init__(self, tokenizer, prompt: str = "chat", system_prompt: str | None = None, max_length: int = 256,
-                 date_string: str | None = None):
+                 date_string: str | None = None, input_format: str = "default"):
         self.tok = tokenizer
         self.date_string = date_string
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"unknown input format {input_format!r} (expected one of {', '.join(INPUT_FORMATS)})")
+        # "open-unlearning": its evaluation inputs (locuslab/open-unlearning@d3d7cf9: src/data/utils.py
+        # preprocess_chat_instance, src/data/collators.py): an EOS appended to every answer whose last token
+        # is not EOS, attention mask = input_ids != pad (pad = EOS when the tokenizer has none), and
+        # generation stopping at every EOS id of the model's generation_config (scoring.qa_pass)
+        self.input_format = input_format
         self.prompt = prompt if (prompt == "qa" or getattr(tokenizer, "chat_template", None)) else "qa"
         self.system_prompt = system_prompt
         self.max_length = max_length
@@ -79,7 +89,14 @@ class QAFormatter:
 
     def answer_ids(self, answer: str) -> list[int]:
         text = answer if self.prompt == "chat" else " " + answer
-        return self.tok(text, add_special_tokens=False)["input_ids"] + self.end_ids
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + self.end_ids
+        if self.input_format == "open-unlearning" and ids[-1] != self.tok.eos_token_id:
+            ids = ids + [self.tok.eos_token_id]
+        return ids
+
+    def collate(self, encoded: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        """A right-padded batch of ``encode`` results in this format's convention."""
+        return collate_qa(encoded, self.pad_id, mask_pad=self.input_format == "open-unlearning")
 
     def encode(self, question: str, answer: str) -> tuple[list[int], int]:
         """-> (ids, number of prompt tokens). The answer is cut to fit ``max_length``."""
@@ -88,8 +105,9 @@ class QAFormatter:
         return p + a, len(p)
 
 
-def collate_qa(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask (from lengths) and labels (answer tokens only)."""
+def collate_qa(encoded: list[tuple[list[int], int]], pad_id: int, mask_pad: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask (from lengths; ``mask_pad``: also 0 wherever a token
+    equals the pad id, as open-unlearning's collator) and labels (answer tokens only)."""
     n = len(encoded)
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -99,6 +117,8 @@ def collate_qa(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, t
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
         labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+    if mask_pad:
+        attention_mask = attention_mask * (input_ids != pad_id).long()
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -235,4 +255,4 @@ def formatter_for(tok, cfg: dict) -> QAFormatter:
     ``model.date_string``) on tokenizer ``tok``."""
     m = cfg["model"]
     return QAFormatter(tok, prompt=m["prompt"], system_prompt=m["system_prompt"], max_length=m["max_length"],
-                       date_string=m["date_string"])
+                       date_string=m["date_string"], input_format=cfg["eval"]["input_format"])
