@@ -150,7 +150,8 @@ def qa_token_details(model, fmt, pairs: list[tuple[str, str]], batch_size: int) 
     token, ``mu`` / ``sigma`` = mean / standard deviation (variance >= 1e-6) of log p under p at that
     position, ``hit`` = whether the argmax is the token; ``n_core`` = the answer's own tokens before
     the end-of-turn ones. numpy arrays; the membership attacks and memorization metrics read these."""
-    n_end = len(fmt.end_ids)
+    # the answer's own tokens end before the end-of-turn ones (open-unlearning's inputs: before the last label)
+    n_end = 1 if getattr(fmt, "input_format", "default") == "open-unlearning" else len(fmt.end_ids)
     out = []
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):

@@ -31,13 +31,13 @@ class QAFormatter:
                  date_string: str | None = None, input_format: str = "default"):
         self.tok = tokenizer
         self.date_string = date_string
+        self.input_format = input_format
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"unknown input format {input_format!r} (expected one of {', '.join(INPUT_FORMATS)})")
         # "open-unlearning": its evaluation inputs (locuslab/open-unlearning@d3d7cf9: src/data/utils.py
         # preprocess_chat_instance, src/data/collators.py): an EOS appended to every answer whose last token
         # is not EOS, attention mask = input_ids != pad (pad = EOS when the tokenizer has none), and
         # generation stopping at every EOS id of the model's generation_config (scoring.qa_pass)
-        self.input_format = input_format
         self.prompt = prompt if (prompt == "qa" or getattr(tokenizer, "chat_template", None)) else "qa"
         self.system_prompt = system_prompt
         self.max_length = max_length
@@ -64,7 +64,9 @@ class QAFormatter:
         if self.prompt == "chat":
             marker = "\x00ANSWER\x00"
             full = self._render(self._messages("q", marker))
-            tail = full.split(marker, 1)[1].rstrip()
+            tail = full.split(marker, 1)[1]
+            # default: the end-of-turn marker; open-unlearning labels the template's whole tail (its newline too)
+            tail = tail if self.input_format == "open-unlearning" else tail.rstrip()
             if tail:
                 return self.tok(tail, add_special_tokens=False)["input_ids"]
         return [self.tok.eos_token_id]
