@@ -95,6 +95,8 @@ DEFAULTS: dict[str, Any] = {
         "alpha": 1.0,              # retain-regularizer weight
         "weight_decay": 0.01,
         "adam_eps": 1.0e-8,        # AdamW's epsilon (torch's default; RMU uses 1e-6)
+        "grad_accum": 1,           # each step's batch_size rows as this many micro-batches (same update, less
+                                   # activation memory; open-unlearning's effective batch 32 = 8 x 4)
         "warmup_ratio": 0.0,
         "schedule": "constant",
         "precision": "bf16",       # fp32 | mixed | bf16 (weights + optimizer state in bf16)
@@ -459,6 +461,7 @@ _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "grad_clip": _NONNEG,
     "npo_beta": _POSITIVE,
     "adam_eps": _POSITIVE,
+    "grad_accum": _COUNT,
     "simnpo_beta": _POSITIVE,
     "dpo_beta": _POSITIVE,
     "undial_beta": _NONNEG,

@@ -149,10 +149,14 @@ class Step:
             self._backward = objective(model, batches)
         return self._backward
 
-    def update(self, params: list, clip: float | None) -> None:
-        """Backward of what ``forward`` kept, then the optimizer step."""
+    def backward(self) -> None:
+        """Backward of what ``forward`` kept, gradients accumulating (a micro-batch of ``unlearn.grad_accum``)."""
         self.engine.backward(self._backward)
         self._backward = None
+
+    def update(self, params: list, clip: float | None) -> None:
+        """Backward of what ``forward`` kept, then the optimizer step."""
+        self.backward()
         self.engine.step(params, clip)
 
     def state_dict(self) -> dict | None:

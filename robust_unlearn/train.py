@@ -166,7 +166,9 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
 
     ``datasets``: name -> a dataset with a ``collate`` method (see ``data.collate.QADataset``).
     ``cfg``: lr, batch_size (global), epochs, weight_decay, warmup_ratio, schedule (a transformers
-    scheduler name: linear, constant_with_warmup, cosine, ...), precision, grad_clip, checkpoint_every.
+    scheduler name: linear, constant_with_warmup, cosine, ...), precision, grad_clip, checkpoint_every,
+    grad_accum (each step's batch as that many micro-batches, gradients accumulated: the same update
+    in less activation memory), adam_eps.
     ``constraint``: the step protocol (``engine.Step``), e.g. a ``robust.update.SparseUpdate`` (masked,
     retain-projected updates); None: the plain step.
     ``state_dir``: where resumable states go (with ``cfg['checkpoint_every']`` > 0); ``extra``: the
@@ -212,14 +214,33 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
             iters[name] = iter(loaders[name])
             return next(iters[name])
 
-    def next_batches() -> dict:
+    accum = int(cfg.get("grad_accum") or 1)
+    if cfg["batch_size"] % (accum * n_proc):
+        raise UserError(f"batch_size {cfg['batch_size']} must be a multiple of grad_accum {accum} x {n_proc} "
+                        "processes (equal micro-batches)")
+    if accum > 1 and (deepspeed or type(protocol) is not Step):
+        raise UserError(f"grad_accum {accum}: gradient accumulation runs with the plain step of one process or DDP "
+                        "(not under DeepSpeed, not with the SURE_ / Robust_ step rules); set grad_accum 1 there")
+
+    def next_batches() -> list[dict]:
+        """The step's batches, as ``accum`` micro-batches (each stream's rows split in order); token means
+        are rescaled to the global batch's (methods.losses.token_mean) across micro-batches and processes."""
         batches = {name: next_batch(name) for name in loaders}
-        if n_proc > 1:
-            for b in batches.values():  # token means over the global batch (methods.losses.token_mean)
-                if "labels" in b:
-                    n = (b["labels"][:, 1:] != IGNORE).sum().float()
-                    b["token_scale"] = n * n_proc / acc.reduce(n.clone(), "sum").clamp(min=1)
-        return batches
+        micro = [{name: _rows(b, j, accum) for name, b in batches.items()} for j in range(accum)] if accum > 1 \
+            else [batches]
+        # a short last batch of an epoch may leave a micro-batch without rows: it is dropped (its per-example
+        # means then weigh the remaining micro-batches equally, the one place accumulation differs)
+        micro = [m for m in micro if all(len(b["input_ids"]) for b in m.values() if "input_ids" in b)] or micro[:1]
+        if n_proc > 1 or accum > 1:
+            for name in batches:
+                if "labels" not in batches[name]:
+                    continue
+                counts = [(m[name]["labels"][:, 1:] != IGNORE).sum().float() for m in micro]
+                total = sum(counts)
+                total = acc.reduce(total.clone(), "sum") if n_proc > 1 else total
+                for m, n in zip(micro, counts):
+                    m[name]["token_scale"] = n * n_proc * accum / total.clamp(min=1)
+        return micro
 
     losses: list[float] = []
     start = 0
@@ -242,12 +263,18 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
 
     bar = tqdm(range(start, total), desc=desc, disable=not acc.is_local_main_process, dynamic_ncols=True,
                initial=start, total=total)
+    step_objective = objective if accum == 1 else (lambda m, b: objective(m, b) / accum)
     for step in bar:
-        batches = next_batches()
-        loss = protocol.forward(objective, model, batches)
-        if not torch.isfinite(loss.detach()):
-            raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step + 1}/{total} "
-                                   f"(lr {cfg['lr']}); stopped, nothing from this run was saved")
+        loss = 0.0
+        parts = next_batches()
+        for j, batches in enumerate(parts):
+            part = protocol.forward(step_objective, model, batches)
+            if not torch.isfinite(part.detach()):
+                raise TrainingDiverged(f"{desc}: loss became {part.item()} at step {step + 1}/{total} "
+                                       f"(lr {cfg['lr']}); stopped, nothing from this run was saved")
+            loss = loss + part.detach()
+            if j < len(parts) - 1:
+                protocol.backward()
         protocol.update(params, cfg.get("grad_clip"))
         sched.step()
         losses.append(acc.reduce(loss.detach().float(), "mean").item() if n_proc > 1 else loss.item())
@@ -273,6 +300,19 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
             model.to(torch.float32)
     protocol.attach(PLAIN, model)
     return model, losses
+
+
+def _rows(batch: dict, j: int, parts: int) -> dict:
+    """Micro-batch ``j`` of ``parts``: every tensor's rows split in order (nested batches too)."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            out[k] = _rows(v, j, parts)
+        elif torch.is_tensor(v) and v.dim() > 0:
+            out[k] = torch.tensor_split(v, parts)[j]
+        else:
+            out[k] = v
+    return out
 
 
 def _whole_model(acc: Accelerator, engine: Engine, model):
