@@ -89,3 +89,10 @@ def test_verdict_takes_the_worst_column_and_judges_against_the_oracle(tmp_path):
     text = write_report(tmp_path).read_text()
     assert text.index("## Verdict") < text.index("## Forgetting and utility")  # the report leads with it
     assert "| GradDiff | 0.080 | prune30 | 0.700 | 0.900 | no |" in text
+    # a column the oracle went through too is judged against the oracle's value in it (issue 13): relearning
+    # lifts a model that never knew the answers as well
+    more = rows + [row("oracle", "none", "relearn-retain", "forget_Q_A_Prob", 0.30),
+                   row("Robust", "Robust", "relearn-retain", "forget_Q_A_Prob", 0.33),
+                   row("GradDiff", "GradDiff", "relearn-retain", "forget_Q_A_Prob", 0.40)]
+    v = {e["model"]: e for e in verdict(more, margin=0.05)}
+    assert v["Robust"]["worst"] == "relearn-retain" and v["Robust"]["holds"] is True  # 0.33 <= 0.30 + 0.05
