@@ -95,6 +95,9 @@ DEFAULTS: dict[str, Any] = {
         "alpha": 1.0,              # retain-regularizer weight
         "weight_decay": 0.01,
         "adam_eps": 1.0e-8,        # AdamW's epsilon (torch's default; RMU uses 1e-6)
+        # LoRA adapters (peft) instead of full weights; r 0 = off. SURE_: on its salient modules.
+        "lora": {"r": 0, "alpha": 16.0, "dropout": 0.0,
+                 "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "grad_accum": 1,           # each step's batch_size rows as this many micro-batches (same update, less
                                    # activation memory; open-unlearning's effective batch 32 = 8 x 4)
         "warmup_ratio": 0.0,
@@ -540,6 +543,14 @@ def recipe_problems(cfg: dict) -> list[str]:
             out.append(f"{where}.precision '{st['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
         if "schedule" in keys:
             out += _schedule_problems(f"{where}.schedule", st["schedule"])
+        if "lora" in keys:
+            lo = st["lora"]
+            if not (isinstance(lo.get("r"), int) and lo["r"] >= 0):
+                out.append(f"{where}.lora.r {lo.get('r')!r} must be a whole number >= 0 (0: no LoRA)")
+            if not (isinstance(lo.get("alpha"), (int, float)) and lo["alpha"] > 0):
+                out.append(f"{where}.lora.alpha {lo.get('alpha')!r} must be > 0")
+            if not (isinstance(lo.get("dropout"), (int, float)) and 0 <= lo["dropout"] < 1):
+                out.append(f"{where}.lora.dropout {lo.get('dropout')!r} must be in [0, 1)")
         if "kl_positions" in keys and st["kl_positions"] not in ("answer", "all"):
             out.append(f"{where}.kl_positions '{st['kl_positions']}' is unknown (expected answer or all)")
         if "robust_floor" in keys:

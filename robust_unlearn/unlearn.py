@@ -33,6 +33,7 @@ from .data import dataset_for, fingerprint, is_text_benchmark, retain_rows
 from .data.collate import formatter_for
 from .errors import TrainingCollapsed, UserError
 from .ids import stable_hash
+from .lora import lora_enabled
 from .methods import NEEDS_REF, build_objective, check_method, objective_spec, split_method
 from .models import load_model, read_metadata, save_model
 from .scoring import qa_mean_nll
@@ -189,8 +190,15 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     cast = torch.bfloat16 if settings["precision"] == "bf16" else torch.float32
     before = {f"{n}.weight": m.weight.detach().to(cast).float().clone() for n, m in compressible_linears(model)}
     shared = None
+    wrapper, base_method = split_method(method)
+    use_lora = lora_enabled(settings)
+    if use_lora and (wrapper == "Robust" or base_method == "RMU"):
+        raise UserError(f"{method}: unlearn.lora is built for the loss-based methods and SURE_ (not for Robust_ "
+                        "or RMU); set unlearn.per_method.{method}.lora.r 0")
     reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
-    if method in NEEDS_REF and cfg["runtime"]["shared_reference"]:
+    if use_lora:  # the reference of a LoRA run is the model with its adapters off: at the start, the model itself
+        ref = model if method in NEEDS_REF else None
+    elif method in NEEDS_REF and cfg["runtime"]["shared_reference"]:
         ref = shared = SharedReference(model, reference)
     else:
         ref = reference.get() if method in NEEDS_REF else None
@@ -198,7 +206,6 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     streams = {"forget": dataset_for(cfg, bench["forget"], tok, getattr(objective, "alternate", None))}
     if "retain" in objective.streams:
         streams["retain"] = dataset_for(cfg, retain_rows(bench), tok, retain=True)
-    wrapper = split_method(method)[0]
     constraint, plan = None, None
     if wrapper is not None:  # SURE / Robust: which weights may move, chosen at the target weights
         from .robust.update import plan_update
@@ -206,6 +213,16 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         data = dict(streams)
         data.setdefault("retain", dataset_for(cfg, retain_rows(bench), tok, retain=True))
         constraint, plan = plan_update(model, objective, data, settings, robust=wrapper == "Robust", seed=cfg["seed"])
+    if use_lora:  # adapters on the chosen modules (SURE's salient ones); only they train
+        from .lora import AdapterOff, add_adapters, freeze_all_but_adapters, target_modules
+
+        targets = target_modules(model, settings, plan["salient"] if plan is not None else None)
+        model = add_adapters(model, settings, targets)
+        ref = AdapterOff(model) if method in NEEDS_REF else None
+        objective = build_objective(method, settings, model, ref=ref, seed=cfg["seed"])
+        freeze_all_but_adapters(model)  # build_objective makes every parameter trainable
+        constraint = None  # the adapters are the sparsity; SURE's mask hooks do not apply to them
+        plan = {**(plan or {}), "lora_targets": targets}
     history: list[tuple[int, float]] = []
     forget_prob = answer_prob_probe(cfg, bench, tok, "forget")
     guard = CollapseGuard.for_run(cfg, bench, tok, settings, model, method)
@@ -238,6 +255,11 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise TrainingCollapsed(guard.line(method, saved=None))
         log.warning("%s", guard.line(method, saved=str(out)))
+    if use_lora and model is not None:  # restored (above) on the adapters, then merged
+        from .lora import merge
+
+        n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        model = merge(model)  # W + (alpha / r) B A: the floor, the checkpoint and the sweep see plain weights
     if not state.is_main_process:  # the main process writes the checkpoint
         state.wait_for_everyone()
         return out
@@ -251,10 +273,11 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             "precision": precision_ran(settings["precision"], state.distributed_type), "precision_setting": settings["precision"],
             "saved_dtype": saved_dtype, "target": str(target), "steps": len(losses), "first_loss": losses[0],
             "final_loss": losses[-1], "forget_prob_history": history,
-            "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trained_params": n_adapter if use_lora else sum(p.numel() for p in model.parameters() if p.requires_grad),
             "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1),
             "launch": {"processes": state.num_processes, "distributed_type": str(state.distributed_type)},
-            "reference": None if method not in NEEDS_REF else (shared.kind if shared is not None else "full copy")}
+            "reference": None if method not in NEEDS_REF else
+            ("the model with its LoRA adapters off" if use_lora else shared.kind if shared is not None else "full copy")}
     if stop_level is not None:
         meta["stop_level"] = {"name": stop_level, "forget_prob": stop_at}
     if guard is not None:
@@ -263,7 +286,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         meta["state"] = f"last good state (step {collapse}); training went on and collapsed"
     if plan is not None:
         meta["plan"] = {k: v for k, v in plan.items() if k != "salient"}
-        meta["plan"]["salient"] = plan["salient"]
+        meta["plan"]["salient"] = plan.get("salient")
     for p in model.parameters():
         p.requires_grad_(True)
     save_model(model, tok, out, meta)
