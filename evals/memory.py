@@ -105,14 +105,24 @@ def measure(method: str, shared: bool, args, salient: list[str] | None = None) -
     model.train()
     batches = {k: {n: t.to(dev) for n, t in _batch(args.vocab, args.batch, args.length, i).items()}
                for i, k in enumerate(("forget", "retain"))}
-    base = method.split("_", 1)[1] if method.startswith("SURE_") else method
+    base = method.split("_", 1)[1] if method.startswith(("SURE_", "LoRA_")) else method
     needs_ref = "NPO" in base
     ref = None
-    if needs_ref:
+    if method.startswith("LoRA_"):  # adapters (r 16) on every linear; the reference: adapters off, no copy
+        from robust_unlearn.lora import AdapterOff, add_adapters, freeze_all_but_adapters, target_modules
+
+        st = {**_settings(), "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0,
+                                      "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}
+        model = add_adapters(model, st, target_modules(model, st))
+        ref = AdapterOff(model) if needs_ref else None
+        objective = build_objective(base, _settings(), model, ref=ref)
+        freeze_all_but_adapters(model)
+    elif needs_ref:
         ref = SharedReference(model, None) if shared else LlamaForCausalLM(cfg).to(dev).requires_grad_(False)
         if not shared:
             ref.load_state_dict(model.state_dict())
-    objective = build_objective(method, _settings(), model, ref=ref)
+    if not method.startswith("LoRA_"):
+        objective = build_objective(method, _settings(), model, ref=ref)
     trained_frac = 1.0
     if method.startswith("SURE_"):
         keep = set(salient)
@@ -127,13 +137,17 @@ def measure(method: str, shared: bool, args, salient: list[str] | None = None) -
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     live = _nbytes(model.parameters())
-    ref_bytes = 0 if ref is None else (_nbytes(ref._orig.values()) if shared else _nbytes(ref.parameters()))
+    if ref is None or method.startswith("LoRA_"):
+        ref_bytes = 0  # LoRA: the reference is the same weights with the adapters off
+    else:
+        ref_bytes = _nbytes(ref._orig.values()) if shared else _nbytes(ref.parameters())
     with _Peak() as pk:
         loss = objective(model, batches)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"method": method, "reference": None if ref is None else ("shared" if shared else "full copy"),
+    kind = "adapters off" if method.startswith("LoRA_") else ("shared" if shared else "full copy")
+    return {"method": method, "reference": None if ref is None else kind,
             "weights_MiB": live / 2 ** 20, "reference_MiB": ref_bytes / 2 ** 20, "step_MiB": pk.peak / 2 ** 20,
             "peak_MiB": (live + ref_bytes + pk.peak) / 2 ** 20, "trained_frac_of_linears": trained_frac,
             "trained_params": sum(p.numel() for p in params), "params": sum(p.numel() for p in model.parameters())}
@@ -190,7 +204,8 @@ def main() -> None:
     salient = _salient(args)
     rows = []
     for method, shared in [("GradDiff", False), ("SURE_GradDiff", False), ("NPO_KLR", False), ("NPO_KLR", True),
-                           ("SURE_NPO_KLR", False), ("SURE_NPO_KLR", True)]:
+                           ("SURE_NPO_KLR", False), ("SURE_NPO_KLR", True), ("LoRA_GradDiff", False),
+                           ("LoRA_NPO_KLR", False)]:
         job = json.dumps({"method": method, "shared": shared, "salient": salient})
         cmd = [sys.executable, __file__, "--child", job] + [f"--{k}={v}" for k, v in vars(args).items() if k != "child"]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
