@@ -288,7 +288,6 @@ def _sweep_checkpoints(items: list[str], labels: str | None, oracle: str | None)
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
-    _one_process("sweep")
     from .compress import check_compression
     from .config import load_recipe
 
@@ -312,6 +311,10 @@ def cmd_sweep(args) -> int:
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     sweep(cfg, bench, run_dir, ckpts, compressions)
+    from accelerate.state import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch the main process wrote the ledger
+        return 0
     report = write_report(run_dir)
     print(report.read_text())
     print(f"results: {run_dir / 'results.jsonl'}\nreport:  {report}")

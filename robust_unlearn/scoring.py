@@ -115,6 +115,30 @@ def qa_pass(model, fmt, pairs: list[tuple[str, str]], questions: list[str], batc
 
 
 @torch.no_grad()
+def qa_pass_sharded(model, fmt, pairs: list[tuple[str, str]], questions: list[str], batch_size: int,
+                    max_new_tokens: int = 0, shard: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """``qa_pass`` with the work split across the processes of an ``accelerate launch``: ``shard`` =
+    (this process's index, number of processes). Each process takes every ``world``-th prompt (all its
+    answers and its generation), and the results are gathered on every process
+    (``accelerate.utils.gather_object``), so each holds the whole pass. None / one process: ``qa_pass``."""
+    if shard is None or shard[1] <= 1:
+        return qa_pass(model, fmt, pairs, questions, batch_size, max_new_tokens)
+    from accelerate.utils import gather_object
+
+    rank, world = shard
+    prompts = list(dict.fromkeys([q for q, _ in pairs] + list(questions)))
+    mine = set(prompts[rank::world])
+    idx = [i for i, (q, _) in enumerate(pairs) if q in mine]
+    nll, texts = qa_pass(model, fmt, [pairs[i] for i in idx], [q for q in questions if q in mine], batch_size,
+                         max_new_tokens)
+    out = np.zeros(len(pairs))
+    merged: dict[str, str] = {}
+    for ids, values, t in gather_object([(idx, nll.tolist(), texts)]):
+        out[ids] = values
+        merged.update(t)
+    return out, merged
+
+
 def _open_unlearning_pass(model, fmt, pairs, questions, batch_size: int, max_new_tokens: int):
     """``qa_pass`` with open-unlearning's inputs: whole right-padded sequences with its attention mask
     (``fmt.collate``), no shared-prompt cache (the mask hides tokens inside prompts), and greedy

@@ -89,6 +89,10 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
     oracle_ref = suite.load_reference(Path(oracle)) if oracle else None
     out: dict[tuple[str, str], tuple[dict, Path]] = {}
     calibration = None  # GPTQ / AWQ calibration, built at the first calibrated column that runs
+    from accelerate.state import PartialState
+
+    state = PartialState()  # under accelerate launch: every process evaluates its share, the main one writes
+    main = state.is_main_process
     _check_groups(items, compressions, cfg["model"]["trust_remote_code"])
     for label, path, method, ckpt_id in items:
         is_oracle = label == ORACLE
@@ -133,12 +137,18 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
             m.eval()
             metrics, per = ev.evaluate(m, eval_bench(comp, bench), ref, splits=suite.splits(comp))
             del m
+            if not main:  # under accelerate launch only the main process writes; the others wait for it
+                state.wait_for_everyone()
+                if comp in compressions:
+                    out[(label, comp)] = (metrics, sp)
+                continue
             save_stats(sp, per)
             rows = [{"model": label, "method": method, "compression": comp, "split": split_of(name),
                      "metric": name, "value": value, "ckpt": ckpt_id, "eval": eval_id, "precision": precision,
                      "checkpoint": path, "cell_rows": len(metrics), **({"settings": settings} if settings else {})}
                     for name, value in metrics.items()]
             written = ledger.append(rows)
+            state.wait_for_everyone()
             log.info("%s / %s: evaluated in %.1fs (%d rows)", label, comp, time.time() - t0, written)
             if comp in compressions:
                 out[(label, comp)] = (metrics, sp)

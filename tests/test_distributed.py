@@ -145,3 +145,28 @@ def test_sigkilled_run_resumes_to_the_same_weights(setup, engine):
     ma, mb = read_metadata(a), read_metadata(b)
     assert ma["forget_prob_history"] == mb["forget_prob_history"] and ma["final_loss"] == mb["final_loss"]
     assert not list((out / "checkpoints").glob(".*.train"))  # the states go once the checkpoint is saved
+
+
+def test_sharded_sweep_on_two_processes_writes_the_one_process_ledger(tiny_models, tmp_path):
+    """`accelerate launch --num_processes 2 -m robust_unlearn sweep`: each process scores half the prompts,
+    the main one gathers and alone writes the ledger; every value equals one process's within 1e-5."""
+    import json
+
+    t = tiny_models
+    ev = ["model.prompt=qa", "eval.max_new_tokens=4", "data.num_authors=4", "data.qa_per_author=4",
+          "data.forget_split=forget25", "data.train_utility=false"]
+    args = ["-m", "robust_unlearn", "sweep", f"tgt={t.target}", *ev, "--oracle", t.oracle,
+            "--compressions", "none,nf4", "--out"]
+    _run([sys.executable] + args + [str(tmp_path / "one")])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    _run(launch + args + [str(tmp_path / "two")])
+
+    def values(d):
+        rows = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines()]
+        return {(r["model"], r["compression"], r["metric"]): r["value"] for r in rows}, len(rows)
+
+    one, n1 = values(tmp_path / "one")
+    two, n2 = values(tmp_path / "two")
+    assert n1 == n2 and set(one) == set(two)  # every row once: only the main process wrote
+    assert max(abs(one[k] - two[k]) for k in one) <= 1e-5, max((abs(one[k] - two[k]), k) for k in one)

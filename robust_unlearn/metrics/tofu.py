@@ -30,7 +30,7 @@ from scipy import stats
 
 from ..data.benchmarks import QA_SPLITS
 from ..data.collate import QAFormatter, formatter_for
-from ..scoring import qa_gradnorms, qa_mean_nll, qa_pass, qa_token_details
+from ..scoring import qa_gradnorms, qa_mean_nll, qa_pass_sharded, qa_token_details
 from . import mia
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Evaluator:
                  catalogue: bool = False):
         self.fmt = formatter
         self.catalogue = catalogue
+        self.shard: tuple[int, int] | None = None  # (process, processes) under accelerate launch: sweep shards
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.rouge = rouge
@@ -91,7 +92,7 @@ class Evaluator:
 
     def generate(self, model, questions: list[str], desc: str = "generate") -> list[str]:
         """Greedy answers (up to ``max_new_tokens``, stopping at end-of-turn / EOS) with a key/value cache."""
-        text = qa_pass(model, self.fmt, [], questions, self.batch_size, self.max_new_tokens)[1]
+        text = qa_pass_sharded(model, self.fmt, [], questions, self.batch_size, self.max_new_tokens, self.shard)[1]
         return [text[q] for q in questions]
 
     def rouge_recall(self, references: list[str], generations: list[str]) -> np.ndarray:
@@ -146,7 +147,7 @@ class Evaluator:
         rows = list(rows)
         pairs, at = self._layout(rows, split)
         gen_qs = [r["question"] for r in rows] if self._wants_rouge(split, with_rouge) and generations is None else []
-        nll, text = qa_pass(model, self.fmt, pairs, gen_qs, self.batch_size, self.max_new_tokens)
+        nll, text = qa_pass_sharded(model, self.fmt, pairs, gen_qs, self.batch_size, self.max_new_tokens, self.shard)
         if gen_qs:
             generations = [text[q] for q in gen_qs]
         return self._stats(rows, split, nll, at, generations if self._wants_rouge(split, with_rouge) else None)
@@ -171,7 +172,7 @@ class Evaluator:
             if self._wants_rouge(s):
                 gen_qs += [r["question"] for r in rows[s]]
         t0 = time.time()
-        nll, text = qa_pass(model, self.fmt, pairs, gen_qs, self.batch_size, self.max_new_tokens)
+        nll, text = qa_pass_sharded(model, self.fmt, pairs, gen_qs, self.batch_size, self.max_new_tokens, self.shard)
         log.info("scored %d answers and generated %d in %.1fs", len(pairs), len(gen_qs), time.time() - t0)
         for split in present:
             start, at = layouts[split]
@@ -290,4 +291,10 @@ class TofuSuite:
 
     def evaluator(self, tok) -> Evaluator:
         e = self.cfg["eval"]
-        return Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"], e["catalogue"])
+        ev = Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"], e["catalogue"])
+        from accelerate.state import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:  # under accelerate launch each process scores a share of the prompts
+            ev.shard = (state.process_index, state.num_processes)
+        return ev
