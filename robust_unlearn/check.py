@@ -144,15 +144,12 @@ def _group_problems(cfg: dict, conf, where: str, notes: list[str]) -> list[str]:
     if conf is None:
         notes.append(f"the groups of {', '.join(cal)} not checked against the model (its config is not local)")
         return []
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from .compress import compressible_linears
     from .errors import UserError
+    from .models import model_on_meta
 
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg["model"]["trust_remote_code"])
+        model = model_on_meta(conf, cfg["model"]["trust_remote_code"])
     except Exception as exc:  # an architecture transformers cannot build
         return [f"{where}: cannot build the model from its config to check {cal[0]} ({str(exc).splitlines()[0]})"]
     widths = {n: lin.in_features for n, lin in compressible_linears(model)}
@@ -175,15 +172,12 @@ def _rmu_problems(cfg: dict, methods: list[str], conf, where: str) -> list[str]:
     """``rmu_layer`` in range and (plain RMU; SURE_/Robust_RMU choose by saliency) ``rmu_params`` matching
     parameters that reach its loss, for each RMU method, on the model built from ``conf`` on the meta
     device (no memory for weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from .methods import split_method
     from .methods.rmu import decoder_layers, find_layer, set_trainable
+    from .models import model_on_meta
 
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(conf, trust_remote_code=cfg["model"]["trust_remote_code"])
+        model = model_on_meta(conf, cfg["model"]["trust_remote_code"])
     except Exception as exc:  # an architecture transformers cannot build
         return [f"{where}: cannot build the model from its config to check RMU ({str(exc).splitlines()[0]})"]
     out = []

@@ -96,18 +96,24 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_cod
     return model, tok
 
 
+def model_on_meta(conf, trust_remote_code: bool = False):
+    """The architecture of a config, built on the meta device (no memory for weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
+
+
 def meta_model(name: str, trust_remote_code: bool = False):
     """The architecture of a checkpoint without its weights: built from its config on the meta device."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     quiet_transformers()
     try:
         conf = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from None
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(conf, trust_remote_code=trust_remote_code)
+    return model_on_meta(conf, trust_remote_code)
 
 
 def check_compatible(model, tok, name: str) -> None:

@@ -49,7 +49,7 @@ def precision_ran(precision: str, distributed_type) -> str:
     """What a ``precision`` setting actually ran as, for metadata and the ledger: under DeepSpeed
     "bf16" is its bf16 mode, which keeps fp32 master weights and optimizer state (not the pure bf16 of
     one process): recorded as ``bf16+fp32-master``. Every other setting runs as named."""
-    if precision == "bf16" and str(distributed_type) in (str(DistributedType.DEEPSPEED), "DEEPSPEED"):
+    if precision == "bf16" and distributed_type == DistributedType.DEEPSPEED:
         return "bf16+fp32-master"
     return precision
 

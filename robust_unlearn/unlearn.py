@@ -194,7 +194,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     use_lora = lora_enabled(settings)
     if use_lora and (wrapper == "Robust" or base_method == "RMU"):
         raise UserError(f"{method}: unlearn.lora is built for the loss-based methods and SURE_ (not for Robust_ "
-                        "or RMU); set unlearn.per_method.{method}.lora.r 0")
+                        f"or RMU); set unlearn.per_method.{method}.lora.r 0")
     reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
     if use_lora:  # the reference of a LoRA run is the model with its adapters off: at the start, the model itself
         ref = model if method in NEEDS_REF else None

@@ -86,6 +86,18 @@ def fixed_model():
     return fixed_logit_model()
 
 
+def chat_tokenizer(text: str, template: str, pad: bool = True):
+    """A tiny byte-level tokenizer trained on ``text`` with ``template`` as its chat template
+    (``pad=False``: no pad token, as Llama-3's, so EOS pads)."""
+    from robust_unlearn.models import train_tokenizer
+
+    tok = train_tokenizer([text] * 8, 300)
+    tok.chat_template = template
+    if not pad:
+        tok.pad_token = None
+    return tok
+
+
 # ---- the command line, in this process -----------------------------------------------------------
 @dataclass
 class CliResult:

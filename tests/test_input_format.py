@@ -4,6 +4,7 @@ has none, which hides the prompt's own EOS tokens), and scoring through whole se
 import numpy as np
 import pytest
 import torch
+from conftest import chat_tokenizer
 
 from robust_unlearn.config import load_recipe
 from robust_unlearn.data.collate import QAFormatter, formatter_for
@@ -16,13 +17,8 @@ TEMPLATE = ("{%- for m in messages %}{%- if m['role'] == 'system' %}sys: {{ m['c
 
 
 @pytest.fixture
-def tok():
-    from robust_unlearn.models import train_tokenizer
-
-    t = train_tokenizer(["sys user assistant END Who wrote the book? Nobody did. a helpful assistant"] * 8, 300)
-    t.chat_template = TEMPLATE
-    t.pad_token = None  # as Llama-3: no pad token, so pad = EOS
-    return t
+def tok():  # as Llama-3: no pad token, so pad = EOS
+    return chat_tokenizer("sys user assistant END Who wrote the book? Nobody did. a helpful assistant", TEMPLATE, pad=False)
 
 
 def test_labels_mask_and_names(tok):

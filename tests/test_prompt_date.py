@@ -3,6 +3,7 @@
 import datetime as dt
 
 import pytest
+from conftest import chat_tokenizer
 
 from robust_unlearn.config import load_recipe
 from robust_unlearn.data.collate import QAFormatter, formatter_for
@@ -15,11 +16,7 @@ TEMPLATE = ("{%- if date_string is not defined %}{%- set date_string = strftime_
 
 @pytest.fixture
 def tok():
-    from robust_unlearn.models import train_tokenizer
-
-    t = train_tokenizer(["Today Date system user assistant 10 Apr 2025 Jan Jun Who wrote the book? Nobody."] * 8, 300)
-    t.chat_template = TEMPLATE
-    return t
+    return chat_tokenizer("Today Date system user assistant 10 Apr 2025 Jan Jun Who wrote the book? Nobody.", TEMPLATE)
 
 
 def _on(day: dt.datetime, monkeypatch):

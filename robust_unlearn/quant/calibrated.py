@@ -197,8 +197,7 @@ def compress_calibrated(model, fmt, calibration: Calibration | None):
     if calibration is None:
         raise UserError(f"compression '{fmt.name}' needs calibration data (the sweep provides it from "
                         "sweep.calibration)")
-    require_llmcompressor(fmt.name)
-    fmt.check_model(model)
+    require_llmcompressor(fmt.name)  # also to read a cached checkpoint back (compressed-tensors)
     if calibration.cache_dir is None:
         tmp = tempfile.mkdtemp(prefix=f"{fmt.name}-")
         try:
