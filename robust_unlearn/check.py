@@ -99,6 +99,37 @@ def _model_config(cfg: dict, role: str, problems: list[str]) -> tuple[Any, str]:
     return conf, f"{desc}: {getattr(conf, 'model_type', '?')}, {getattr(conf, 'num_hidden_layers', '?')} layers"
 
 
+def model_config(cfg: dict, path: str | None = None) -> tuple[Any, str]:
+    """-> (config, name) of the model a recipe trains: ``path`` (a config.json or a directory with one),
+    else model.target, else model.base (the built-in ones, a local directory, or a hub id whose config is
+    in the local Hugging Face cache). One line naming what to pass when it cannot be read offline."""
+    if path is not None:
+        p = Path(path).expanduser()
+        f = p / "config.json" if p.is_dir() else p
+        if not f.is_file():
+            raise UserError(f"--model-config '{path}' not found (expected a config.json or a directory holding one)")
+        try:
+            return _read_config(str(f), cfg["model"]["trust_remote_code"]), str(path)
+        except Exception as exc:
+            raise UserError(f"--model-config '{path}': not a model config ({str(exc).splitlines()[0]})") from None
+    role = "target" if cfg["model"]["target"] is not None else "base"
+    name = cfg["model"][role]
+    problems: list[str] = []
+    conf, _ = _model_config(cfg, role, problems)
+    if problems:
+        raise UserError(problems[0])
+    if conf is None:  # a hub id: its config only if the local cache has it (nothing is downloaded)
+        from transformers import AutoConfig
+
+        try:
+            conf = AutoConfig.from_pretrained(name, trust_remote_code=cfg["model"]["trust_remote_code"],
+                                              local_files_only=True)
+        except Exception:
+            raise UserError(f"model.{role} '{name}' is a hub id whose config is not in the local cache (expected "
+                            "--model-config PATH, its config.json)") from None
+    return conf, name
+
+
 @functools.lru_cache(maxsize=16)
 def _read_config(path: str, trust_remote_code: bool, gguf_file: str | None = None):
     from transformers import AutoConfig

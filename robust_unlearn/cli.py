@@ -1,4 +1,4 @@
-"""``robust-unlearn``: run | check | evaluate | unlearn | sweep | audit | report. User mistakes print one line and
+"""``robust-unlearn``: run | check | plan | evaluate | unlearn | sweep | audit | report. User mistakes print one line and
 exit with code 2 (``check`` lists every problem of a recipe and exits 1)."""
 from __future__ import annotations
 
@@ -82,12 +82,13 @@ def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]
 
 
 def _one_process(command: str) -> None:
-    """Evaluation writes the ledger: several processes would each write every row."""
+    """``run`` / ``study`` fine-tune, unlearn and evaluate in one process: under a launch each process
+    would do all of it."""
     n = int(os.environ.get("WORLD_SIZE", "1"))
     if n > 1:
-        raise UserError(f"'{command}' runs as one process (it evaluates and writes the ledger), not under a "
-                        f"{n}-process launch: launch 'robust-unlearn unlearn' with accelerate, then sweep the "
-                        "checkpoints with 'robust-unlearn sweep' as one process")
+        raise UserError(f"'{command}' runs as one process, not under a {n}-process launch: launch "
+                        "'robust-unlearn unlearn' with accelerate, then 'robust-unlearn sweep' or 'evaluate' the "
+                        "checkpoints (as one process or under accelerate launch, sharded)")
 
 
 def cmd_run(args) -> int:
@@ -181,11 +182,41 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .check import model_config
+    from .config import load_recipe, method_settings
+    from .models import model_on_meta
+    from .plan import Setup, render, shape_of
+
+    recipe, overrides = _split_recipe_and_overrides(args.items)
+    cfg = load_recipe(recipe, overrides)
+    if args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: expected a whole number of GPUs >= 1")
+    if not args.gpu_gb > 0:
+        raise UserError(f"--gpu-gb {args.gpu_gb}: expected the memory of one GPU in GB (> 0)")
+    conf, name = model_config(cfg, args.model_config)
+    shape = shape_of(model_on_meta(conf, cfg["model"]["trust_remote_code"]), name)
+    methods = cfg["unlearn"]["methods"]
+    if not methods:
+        raise UserError("unlearn.methods is empty (expected the methods to plan, e.g. unlearn.methods=[GradDiff])")
+
+    def setup_of(m):
+        st = method_settings(cfg, m)
+        return Setup(gpus=1, zero=0, precision=st["precision"], batch_size=st["batch_size"], grad_accum=st["grad_accum"],
+                     seq_len=args.seq_len or cfg["model"]["max_length"], checkpointing=st["gradient_checkpointing"],
+                     reference="shared" if cfg["runtime"]["shared_reference"] else "full", lora_r=int(st["lora"]["r"]))
+
+    if not 0 <= args.reserve_gb < args.gpu_gb:
+        raise UserError(f"--reserve-gb {args.reserve_gb}: expected 0 or more and less than --gpu-gb {args.gpu_gb}")
+    print(render(shape, methods, lambda m: method_settings(cfg, m), setup_of, args.gpus, args.gpu_gb, args.reserve_gb),
+          end="")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .config import load_recipe
     from .pipeline import evaluate
 
-    _one_process("evaluate")
     cfg_over = list(args.overrides)
     if args.benchmark:
         cfg_over.append(f"data.name={args.benchmark}")
@@ -206,6 +237,10 @@ def cmd_evaluate(args) -> int:
         if is_local(path):
             check_model_dir(path)
     metrics = evaluate(cfg, args.model_dir, out, label=args.label, oracle=args.oracle)
+    from accelerate.state import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch the main process wrote the ledger
+        return 0
     for k, v in metrics.items():
         print(f"{k}\t{v:.4f}")
     print(f"results: {os.path.join(out, 'results.jsonl')}")
@@ -443,6 +478,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe YAML file (default: recipes/default.yaml) followed by dotted key=value overrides")
     c.set_defaults(func=cmd_check)
 
+    pl = sub.add_parser("plan", help="the memory of each method per GPU, from the model's config alone, and the "
+                        "cheapest configuration that fits", epilog=EPILOG,
+                        description="Bytes per parameter and GiB per process of weights, gradients, optimizer state, the "
+                        "reference, Robust_ state, activations and logits for each of the recipe's methods, at its "
+                        "batch_size / grad_accum / precision / unlearn.lora / unlearn.gradient_checkpointing and "
+                        "model.max_length tokens per row; then the cheapest configuration that fits --gpu-gb (grad_accum, "
+                        "gradient checkpointing, DDP / ZeRO-2 / ZeRO-3 over --gpus, LoRA). Nothing is loaded or run: "
+                        "the model is built from its config on the meta device.")
+    pl.add_argument("items", nargs="*", metavar="RECIPE_OR_KEY=VALUE",
+                    help="a recipe YAML file (default: recipes/default.yaml) followed by dotted key=value overrides")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs available (default: 1)")
+    pl.add_argument("--gpu-gb", type=float, default=40.0, help="memory of one GPU in GiB (default: 40)")
+    pl.add_argument("--reserve-gb", type=float, default=2.0, help="GiB of each GPU kept for the CUDA context and "
+                    "allocator fragmentation (default: 2)")
+    pl.add_argument("--model-config", help="a config.json (or a directory holding one) instead of the recipe's model: "
+                    "for hub ids offline")
+    pl.add_argument("--seq-len", type=int, help="tokens per row (default: the recipe's model.max_length)")
+    pl.set_defaults(func=cmd_plan)
+
     e = sub.add_parser("evaluate", help="evaluate a checkpoint with its benchmark's metrics (TOFU, MUSE-News, WMDP)",
                        epilog=EPILOG,
                        description="Evaluate any Hugging Face checkpoint on a benchmark; rows go to OUT/results.jsonl.")
@@ -508,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # the list that positionals after an option (``run --out DIR key=value``) join; argparse alone rejects them
-_REST = {"run": "items", "study": "items", "check": "items", "unlearn": "items", "sweep": "items", "evaluate": "overrides",
+_REST = {"run": "items", "study": "items", "check": "items", "plan": "items", "unlearn": "items", "sweep": "items", "evaluate": "overrides",
          "audit": "checkpoints"}
 
 

@@ -100,6 +100,8 @@ DEFAULTS: dict[str, Any] = {
                  "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "grad_accum": 1,           # each step's batch_size rows as this many micro-batches (same update, less
                                    # activation memory; open-unlearning's effective batch 32 = 8 x 4)
+        "gradient_checkpointing": False,  # recompute each decoder layer in backward (activations: one layer's
+                                          # input each; ~1/3 more compute); `robust-unlearn plan` shows when needed
         "warmup_ratio": 0.0,
         "schedule": "constant",
         "precision": "bf16",       # fp32 | mixed | bf16 (weights + optimizer state in bf16)
@@ -177,6 +179,9 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 0,     # save a resumable training state every N optimizer steps (0: never)
         "shared_reference": True,  # NPO/KL/RMU reference = the model with its trained tensors swapped back
                                    # to frozen copies of their originals, not a second full model
+        "zero3_reference": "partitioned",  # under ZeRO-3 (where tensors cannot be swapped): partitioned = a
+                                   # ZeRO-3 inference engine, 1/N of the target per process; full = a whole
+                                   # fp32 copy on every process
     },
 }
 
@@ -579,6 +584,8 @@ def recipe_problems(cfg: dict) -> list[str]:
         if p:
             out.append(p)
     out += _schedule_problems("finetune.schedule", cfg["finetune"]["schedule"])
+    if cfg["runtime"]["zero3_reference"] not in ("partitioned", "full"):
+        out.append(f"runtime.zero3_reference '{cfg['runtime']['zero3_reference']}' is unknown (expected partitioned or full)")
     if cfg["sweep"]["relearn"]["precision"] not in PRECISIONS:
         out.append(f"sweep.relearn.precision '{cfg['sweep']['relearn']['precision']}' is unknown "
                    f"(expected one of {', '.join(PRECISIONS)})")

@@ -188,7 +188,8 @@ def _forget_name(cfg: dict) -> str:
 
 
 def evaluate(cfg: dict, model_dir: str, out: str | Path, label: str | None = None, oracle: str | None = None) -> dict:
-    """Evaluate any checkpoint on the recipe's benchmark (``oracle``: for forget_quality)."""
+    """Evaluate any checkpoint on the recipe's benchmark (``oracle``: for forget_quality). Under
+    ``accelerate launch`` the prompts are split across the processes (``sweep``)."""
     bench = load_benchmark(cfg)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,5 +200,8 @@ def evaluate(cfg: dict, model_dir: str, out: str | Path, label: str | None = Non
     if label == "oracle" and oracle:
         raise UserError("--label oracle is reserved for the --oracle checkpoint")
     metrics, _ = evaluate_checkpoint(cfg, bench, run_dir, label, model_dir, oracle_stats=oracle_stats)
-    write_report(run_dir)
+    from accelerate.state import PartialState
+
+    if PartialState().is_main_process:  # under accelerate launch each process scored a share; one writes
+        write_report(run_dir)
     return metrics

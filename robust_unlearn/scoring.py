@@ -139,6 +139,24 @@ def qa_pass_sharded(model, fmt, pairs: list[tuple[str, str]], questions: list[st
     return out, merged
 
 
+def per_item_sharded(fn, items: list, shard: tuple[int, int] | None = None) -> list:
+    """``fn(items) -> one result per item`` with the items split across the processes of an ``accelerate
+    launch`` (``shard`` = (index, processes): each takes every ``world``-th item) and the results gathered,
+    in order, on every process. None / one process: ``fn(items)``."""
+    if shard is None or shard[1] <= 1:
+        return list(fn(items))
+    from accelerate.utils import gather_object
+
+    rank, world = shard
+    idx = list(range(rank, len(items), world))
+    mine = list(fn([items[i] for i in idx])) if idx else []
+    out: list = [None] * len(items)
+    for ids, values in gather_object([(idx, mine)]):
+        for i, v in zip(ids, values):
+            out[i] = v
+    return out
+
+
 def _open_unlearning_pass(model, fmt, pairs, questions, batch_size: int, max_new_tokens: int):
     """``qa_pass`` with open-unlearning's inputs: whole right-padded sequences with its attention mask
     (``fmt.collate``), no shared-prompt cache (the mask hides tokens inside prompts), and greedy

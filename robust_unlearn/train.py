@@ -188,6 +188,9 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     if cfg["precision"] == "bf16" and not deepspeed:
         model.to(torch.bfloat16)
     model.train()
+    checkpointing = bool(cfg.get("gradient_checkpointing"))
+    if checkpointing:
+        set_checkpointing(model, True)
     protocol = constraint if constraint is not None else Step()
     protocol.start()  # e.g. masks and target values, on the whole model before any partitioning
     params = [p for p in model.parameters() if p.requires_grad]  # frozen ones get no optimizer state
@@ -295,11 +298,30 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     bar.close()
     model = _whole_model(acc, engine, model)
     if model is not None:
+        if checkpointing:
+            set_checkpointing(model, False)
         model.eval()
         if cfg["precision"] == "mixed" or (deepspeed and cfg["precision"] == "bf16"):
             model.to(torch.float32)
     protocol.attach(PLAIN, model)
     return model, losses
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Activation (gradient) checkpointing of every decoder layer on / off: transformers'
+    ``activation_checkpointing_enable`` (5.2x and later; ``gradient_checkpointing_enable`` before),
+    non-reentrant, so frozen inputs (SURE, LoRA) need no input gradients."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if on:
+        kw = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    elif new:
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _rows(batch: dict, j: int, parts: int) -> dict:

@@ -45,18 +45,91 @@ UNLEARN_VERSION = "ul-1"  # bump when the unlearning code changes what it produc
 
 
 class Reference:
-    """The frozen target, loaded on first use and kept for every method of the run."""
+    """The frozen target, loaded on first use and kept for every method of the run.
 
-    def __init__(self, path: str, trust_remote_code: bool = False):
-        self.path, self.trust, self._model = path, trust_remote_code, None
+    Under DeepSpeed ZeRO-3 it is a partitioned inference engine (``runtime.zero3_reference:
+    partitioned``, the default): each process keeps 1/N of its weights, gathered layer by layer in
+    forward as the training model's are, instead of a whole copy per process. It is loaded with
+    transformers' ZeRO-3 integration (``HfDeepSpeedConfig``: each weight partitioned as it is read, so no
+    process ever holds the whole model) and wrapped by ``deepspeed.initialize`` without an optimizer, the
+    way TRL prepares its reference models (huggingface/trl@v0.19.0:trl/models/utils.py prepare_deepspeed).
+    ``full`` keeps the whole fp32 target on every process."""
+
+    def __init__(self, path: str, trust_remote_code: bool = False, zero3: str = "partitioned"):
+        self.path, self.trust, self.zero3, self._model = path, trust_remote_code, zero3, None
+        self.kind = "full copy"
 
     def get(self):
         if self._model is None:
-            self._model, _ = load_model(self.path, "float32", self.trust)
+            if self.zero3 == "partitioned" and zero3_active():
+                self._model = self._partitioned()
+                self.kind = "partitioned (ZeRO-3)"
+            else:
+                self._model, _ = load_model(self.path, "float32", self.trust)
+                self.kind = "full copy (ZeRO-3)" if zero3_active() else "full copy"
             self._model.requires_grad_(False)
             self._model.eval()
-            log.info("reference model loaded once from %s", self.path)
+            log.info("reference model loaded once from %s: %s", self.path, self.kind)
         return self._model
+
+    def held(self) -> tuple[int, int] | None:
+        """(bytes this process holds, bytes of the whole model) once loaded, else None."""
+        return None if self._model is None else reference_bytes(self._model)
+
+    def _partitioned(self):
+        import copy
+
+        import deepspeed
+        from accelerate.state import AcceleratorState
+        from transformers.integrations import HfDeepSpeedConfig
+
+        state = AcceleratorState()
+        ds = copy.deepcopy(state.deepspeed_plugin.deepspeed_config)
+        for k in ("optimizer", "scheduler"):
+            ds.pop(k, None)
+        ds["zero_optimization"] = {k: v for k, v in ds.get("zero_optimization", {}).items() if v != "auto"}
+        ds["zero_optimization"]["stage"] = 3
+        # inference only: a batch size DeepSpeed accepts (it is never used to step)
+        ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+                  train_batch_size=state.num_processes, gradient_clipping=0.0)
+        for k in ("bf16", "fp16"):
+            if isinstance(ds.get(k), dict) and ds[k].get("enabled") == "auto":
+                ds[k]["enabled"] = False
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841  alive while loading: from_pretrained partitions as it reads
+        model, _ = load_model(self.path, "float32", self.trust)
+        engine = deepspeed.initialize(model=model, config=ds)[0]
+        del keep
+        return engine
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def zero3_active() -> bool:
+    """Whether this process trains under DeepSpeed ZeRO-3 (from accelerate's state; False without one)."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return False
+    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
+    return plugin is not None and int(plugin.zero_stage or 0) == 3
+
+
+def reference_bytes(model) -> tuple[int, int]:
+    """-> (bytes this process holds, bytes of the whole model) of a reference: a ZeRO-3 partitioned one
+    holds its partitions (``ds_tensor``), any other model all its weights."""
+    held = whole = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            held += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            whole += p.ds_numel * p.ds_tensor.element_size()
+        else:
+            held += p.numel() * p.element_size()
+            whole += p.numel() * p.element_size()
+    return held, whole
 
 
 class SharedReference:
@@ -66,7 +139,7 @@ class SharedReference:
     trained and the model is its own reference (the saliency pass at the target weights).
 
     Under DeepSpeed ZeRO-3 the model's tensors are partitioned and cannot be swapped: the reference
-    is then ``fallback`` (the whole target, loaded once: :class:`Reference`)."""
+    is then ``fallback`` (:class:`Reference`: partitioned across the processes, or a full copy)."""
 
     def __init__(self, model, fallback: "Reference"):
         self._model, self._fallback = model, fallback
@@ -81,8 +154,9 @@ class SharedReference:
     def current(self):
         """What to call for reference outputs now (itself, or the whole target under ZeRO-3)."""
         if self._orig and hasattr(next(self._model.parameters()), "ds_id"):
-            self.kind = "full copy (ZeRO-3)"
-            return self._fallback.get()
+            model = self._fallback.get()
+            self.kind = self._fallback.kind
+            return model
         return self
 
     def __call__(self, *args, **kwargs):
@@ -99,6 +173,10 @@ class SharedReference:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+
+# settings that change how a run is computed, not what it computes: a checkpoint keeps its key with them
+SPEC_NEUTRAL = ("gradient_checkpointing",)
 
 
 def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = None):
@@ -172,7 +250,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             cfg["unlearn"]["per_method"].get(method, {}) else "unlearn.stop_forget_prob"
         levels = levels or StopLevels(cfg, bench, target)
         stop_level, settings["stop_forget_prob"] = levels.get(settings["stop_forget_prob"], where)
-    spec = {"version": UNLEARN_VERSION, "method": method, "objective": objective_spec(method), "settings": settings,
+    spec = {"version": UNLEARN_VERSION, "method": method, "objective": objective_spec(method),
+            "settings": {k: v for k, v in settings.items() if k not in SPEC_NEUTRAL},
             "target": target_id,
             "forget": fingerprint(bench["forget"]), "retain": fingerprint(retain_rows(bench)), "seed": cfg["seed"],
             "prompt": ids.prompt_spec(cfg)}
@@ -195,7 +274,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     if use_lora and (wrapper == "Robust" or base_method == "RMU"):
         raise UserError(f"{method}: unlearn.lora is built for the loss-based methods and SURE_ (not for Robust_ "
                         f"or RMU); set unlearn.per_method.{method}.lora.r 0")
-    reference = reference or Reference(target, cfg["model"]["trust_remote_code"])
+    reference = reference or Reference(target, cfg["model"]["trust_remote_code"], cfg["runtime"]["zero3_reference"])
     if use_lora:  # the reference of a LoRA run is the model with its adapters off: at the start, the model itself
         ref = model if method in NEEDS_REF else None
     elif method in NEEDS_REF and cfg["runtime"]["shared_reference"]:
@@ -248,6 +327,10 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     from accelerate.state import PartialState
 
     state = PartialState()
+    held = reference.held()
+    if held is not None:  # every process: what it held of the reference (ZeRO-3: its partition)
+        log.info("%s: process %d holds %.1f MiB of the %.1f MiB reference (%s); peak resident memory %.0f MiB",
+                 method, state.process_index, held[0] / 2 ** 20, held[1] / 2 ** 20, reference.kind, _peak_rss_mib())
     collapse = None
     if guard is not None and guard.tripped is not None:
         collapse = guard.restore(model)  # the last state above the floor, or TrainingCollapsed
@@ -277,7 +360,9 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
             "update": update_stats(before, model), "train_seconds": round(time.time() - t0, 1),
             "launch": {"processes": state.num_processes, "distributed_type": str(state.distributed_type)},
             "reference": None if method not in NEEDS_REF else
-            ("the model with its LoRA adapters off" if use_lora else shared.kind if shared is not None else "full copy")}
+            ("the model with its LoRA adapters off" if use_lora else shared.kind if shared is not None else reference.kind)}
+    if held is not None:  # a loaded reference model: what the main process held of it
+        meta["reference_bytes"] = {"this_process": held[0], "whole_model": held[1]}
     if stop_level is not None:
         meta["stop_level"] = {"name": stop_level, "forget_prob": stop_at}
     if guard is not None:
@@ -399,7 +484,7 @@ def unlearn_all(cfg: dict, bench, target: str, target_id: str, run_dir: Path,
     methods = methods or cfg["unlearn"]["methods"]
     for m in methods:
         check_method(m, "--methods")
-    reference = Reference(target, cfg["model"]["trust_remote_code"])
+    reference = Reference(target, cfg["model"]["trust_remote_code"], cfg["runtime"]["zero3_reference"])
     levels = StopLevels(cfg, bench, target, oracle)
     done = {}
     for m in methods:

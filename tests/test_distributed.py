@@ -103,6 +103,27 @@ def test_zero_on_two_processes_matches_one_process(setup, stage, methods):
             assert moved > 0
 
 
+def test_zero3_reference_is_partitioned_and_matches_one_process(setup):
+    """Under ZeRO-3 NPO's reference is a partitioned inference engine (runtime.zero3_reference: partitioned,
+    the default): each process holds half of it, and the run equals one process's (fp32)."""
+    cfg, bench, target, overrides, tmp = setup
+    out = tmp / "zero3-npo"
+    fp32 = ["unlearn.per_method.NPO.precision=fp32", "unlearn.per_method.NPO.steps=4"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2"]
+    _run(_cmd(launch, overrides + fp32, target, "NPO", out))
+    single_out = tmp / "single-NPO-fp32"
+    if not (single_out / "checkpoints").is_dir():
+        _run(_cmd([sys.executable], overrides + fp32, target, "NPO", single_out))
+    single, multi = _ckpt(single_out, "NPO"), _ckpt(out, "NPO")
+    meta = read_metadata(multi)
+    assert meta["reference"] == "partitioned (ZeRO-3)"
+    held = meta["reference_bytes"]
+    assert held["this_process"] <= held["whole_model"] / 2 + 64 * 1024, held  # 1/2, up to padding
+    sa, sb = load_model(str(single))[0].state_dict(), load_model(str(multi))[0].state_dict()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= TOL
+
+
 @pytest.mark.parametrize("engine", ["one process", "zero2"])
 def test_sigkilled_run_resumes_to_the_same_weights(setup, engine):
     """Robust_GradDiff (optimizer, scheduler, null-space history, floor-every-N state) with a state
@@ -169,4 +190,29 @@ def test_sharded_sweep_on_two_processes_writes_the_one_process_ledger(tiny_model
     one, n1 = values(tmp_path / "one")
     two, n2 = values(tmp_path / "two")
     assert n1 == n2 and set(one) == set(two)  # every row once: only the main process wrote
+    assert max(abs(one[k] - two[k]) for k in one) <= 1e-5, max((abs(one[k] - two[k]), k) for k in one)
+
+
+def test_sharded_evaluate_on_two_processes_writes_the_one_process_ledger(tiny_models, tmp_path):
+    """`accelerate launch --num_processes 2 -m robust_unlearn evaluate` (the whole metric catalogue, with an
+    oracle): the same ledger as one process, each row once, within 1e-5."""
+    import json
+
+    t = tiny_models
+    ev = ["model.prompt=qa", "eval.max_new_tokens=4", "data.num_authors=4", "data.qa_per_author=4",
+          "data.forget_split=forget25", "data.train_utility=false"]
+    args = ["-m", "robust_unlearn", "evaluate", t.target, *ev, "--oracle", t.oracle, "--label", "tgt", "--out"]
+    _run([sys.executable] + args + [str(tmp_path / "one")])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    _run(launch + args + [str(tmp_path / "two")])
+
+    def values(d):
+        rows = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines()]
+        return {(r["model"], r["compression"], r["metric"]): r["value"] for r in rows}, len(rows)
+
+    one, n1 = values(tmp_path / "one")
+    two, n2 = values(tmp_path / "two")
+    assert n1 == n2 and set(one) == set(two)
+    assert any("mia" in k[2].lower() for k in one), sorted(one)  # the catalogue ran
     assert max(abs(one[k] - two[k]) for k in one) <= 1e-5, max((abs(one[k] - two[k]), k) for k in one)

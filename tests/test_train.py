@@ -133,3 +133,28 @@ def test_gradient_accumulation_must_divide_the_batch(tiny):
     tcfg = {**_settings(cfg), "batch_size": 4, "steps": 1, "precision": "fp32", "grad_accum": 3}
     with pytest.raises(UserError, match="multiple of grad_accum 3"):
         train(model, get_objective("nll"), {"train": dataset_for(cfg, bench["retain"], tok)}, tcfg)
+
+
+@pytest.mark.parametrize("method", ["GradDiff", "NPO"])
+def test_gradient_checkpointing_gives_the_same_update(tiny, method):
+    """unlearn.gradient_checkpointing recomputes each layer in backward: the same losses and weights as
+    without it, and the returned model has it switched off again."""
+    import copy
+
+    from robust_unlearn.data import dataset_for
+    from robust_unlearn.methods import build_objective
+
+    cfg, bench, model, tok = tiny
+    ref = copy.deepcopy(model).eval()
+    out = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(model)
+        obj = build_objective(method, _settings(cfg), m, ref=ref)
+        streams = {"forget": dataset_for(cfg, bench["forget"], tok), "retain": dataset_for(cfg, bench["retain"], tok)}
+        tcfg = {**_settings(cfg), "lr": 1e-3, "batch_size": 4, "steps": 3, "precision": "fp32",
+                "gradient_checkpointing": ckpt}
+        m, losses = train(m, obj, streams, tcfg, seed=0, primary="forget")
+        assert not getattr(m, "is_activation_checkpointing", getattr(m, "is_gradient_checkpointing", False))
+        out.append((torch.cat([p.detach().flatten() for p in m.parameters()]), losses))
+    assert torch.allclose(out[1][0], out[0][0], atol=1e-5), float((out[1][0] - out[0][0]).abs().max())
+    assert out[1][1] == pytest.approx(out[0][1], rel=1e-5, abs=1e-6)

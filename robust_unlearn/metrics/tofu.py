@@ -30,7 +30,7 @@ from scipy import stats
 
 from ..data.benchmarks import QA_SPLITS
 from ..data.collate import QAFormatter, formatter_for
-from ..scoring import qa_gradnorms, qa_mean_nll, qa_pass_sharded, qa_token_details
+from ..scoring import per_item_sharded, qa_gradnorms, qa_mean_nll, qa_pass_sharded, qa_token_details
 from . import mia
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,13 @@ class Evaluator:
         scores, mem = {}, []
         for split in ("forget", "holdout"):
             pairs = [(r["question"], r["answer"]) for r in rows[split]]
-            det = [mia.TokenDetail(**d) for d in qa_token_details(model, self.fmt, pairs, self.batch_size)]
-            with torch.enable_grad():
-                gn = qa_gradnorms(model, self.fmt, pairs, [d.n_core for d in det])
+            details = per_item_sharded(lambda ps: qa_token_details(model, self.fmt, ps, self.batch_size), pairs,
+                                       self.shard)
+            det = [mia.TokenDetail(**d) for d in details]
+            with torch.enable_grad():  # one example at a time: each process takes its share
+                gn = per_item_sharded(lambda items: qa_gradnorms(model, self.fmt, [p for p, _ in items],
+                                                                 [n for _, n in items]),
+                                      list(zip(pairs, [d.n_core for d in det])), self.shard)
             ref_nll = None
             if ref == "self":
                 ref_nll = [d.mean_nll for d in det]
