@@ -66,6 +66,9 @@ def _setup_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .quant.bnb import quiet_bnb
+
+    quiet_bnb()  # before transformers / peft import bitsandbytes
 
 
 def _split_recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:

@@ -110,7 +110,7 @@ class Setup:
     def rows(self) -> int:
         return max(1, self.batch_size // (self.gpus * self.grad_accum))
 
-    def describe(self) -> str:
+    def describe(self, reference: bool = True) -> str:
         parts = [f"{self.gpus} GPU" + ("s" if self.gpus > 1 else "")]
         parts.append(f"ZeRO-{self.zero}" if self.zero else ("DDP" if self.gpus > 1 else "one process"))
         parts.append(self.precision)
@@ -120,7 +120,8 @@ class Setup:
             parts.append("gradient checkpointing")
         if self.lora_r:
             parts.append(f"LoRA r {self.lora_r}")
-        parts.append(f"reference {self.reference}")
+        if reference:
+            parts.append("reference: the adapters off" if self.lora_r else f"reference {self.reference}")
         return ", ".join(parts)
 
 
@@ -361,7 +362,8 @@ def render(shape: Shape, methods: list[str], settings_of, setup_of, gpus: int, g
     for m in methods:
         st, setup = settings_of(m), setup_of(m)
         p = plan_method(shape, m, st, setup)
-        lines += [f"## {m}: {setup.describe()}, {setup.rows} rows x {setup.seq_len} tokens per stream",
+        ref = needs_reference(m, st)
+        lines += [f"## {m}: {setup.describe(ref)}, {setup.rows} rows x {setup.seq_len} tokens per stream",
                   "", f"trained parameters: {p['trained_params'] / 1e6:.1f}M ({p['trained_params'] / shape.params:.1%})",
                   "", "| component | bytes per parameter | GiB |", "|---|---|---|"]
         for k in ROWS:
@@ -370,12 +372,12 @@ def render(shape: Shape, methods: list[str], settings_of, setup_of, gpus: int, g
         lines += [f"| **peak** (resident + max(backward, optimizer step)) | {p['peak'] / shape.params:.2f} | "
                   f"**{p['peak'] / GiB:.2f}** |", ""]
         s, q = cheapest(shape, m, st, setup, gpus, budget)
-        fits.append((m, p, s, q))
+        fits.append((m, p, s and s.describe(ref), q))
     lines += [f"## what fits {gpu_gb:g} GiB ({gpu_gb - reserve_gb:g} for the run)", "",
               "| method | recipe as written, GiB | fits | cheapest configuration that fits | its peak GiB |",
               "|---|---|---|---|---|"]
     for m, p, s, q in fits:
         ok = "yes" if p["peak"] <= budget else "no"
-        lines.append(f"| {m} | {p['peak'] / GiB:.1f} | {ok} | {s.describe() if s else 'none of the candidates'} | "
+        lines.append(f"| {m} | {p['peak'] / GiB:.1f} | {ok} | {s} | "
                      f"{q['peak'] / GiB:.1f} |" if s else f"| {m} | {p['peak'] / GiB:.1f} | {ok} | none of the candidates | - |")
     return "\n".join(lines) + "\n"

@@ -25,12 +25,17 @@ _BNB_FILTERS = {"bitsandbytes.backends.cpu.ops": _DropMessages("kernels-communit
                 "bitsandbytes.autograd._functions": _DropMessages("inputs will be cast")}
 
 
-def load_bnb():
-    """``import bitsandbytes`` with the notices above filtered out."""
+def quiet_bnb() -> None:
+    """Filter the notices above out, wherever bitsandbytes is imported from (peft imports it too)."""
     for name, flt in _BNB_FILTERS.items():
         logger = logging.getLogger(name)
         if flt not in logger.filters:
             logger.addFilter(flt)
+
+
+def load_bnb():
+    """``import bitsandbytes`` with the notices above filtered out."""
+    quiet_bnb()
     import bitsandbytes
 
     return bitsandbytes
