@@ -4,7 +4,9 @@ Adapters go on the decoder linears whose last name part is in ``targets`` (SURE_
 modules its saliency chooses instead). Only the adapters train. A method that needs a frozen reference
 (NPO, DPO, UNDIAL, KL) gets the base model with the adapters disabled (``AdapterOff``), so there is no
 second copy. After training the adapters are merged into the weights (W + (alpha / r) B A,
-``merge_and_unload``), so the floor, the saved checkpoint and the sweep see an ordinary model.
+``merge_and_unload``), so the floor, the saved checkpoint and the sweep see an ordinary model. Robust_
+then floors the largest ``robust_topk`` share of each adapted weight's merged delta
+(``robust.update.floor_merged_delta``); RMU refuses adapters.
 """
 from __future__ import annotations
 

@@ -271,9 +271,9 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     shared = None
     wrapper, base_method = split_method(method)
     use_lora = lora_enabled(settings)
-    if use_lora and (wrapper == "Robust" or base_method == "RMU"):
-        raise UserError(f"{method}: unlearn.lora is built for the loss-based methods and SURE_ (not for Robust_ "
-                        f"or RMU); set unlearn.per_method.{method}.lora.r 0")
+    if use_lora and base_method == "RMU":
+        raise UserError(f"{method}: unlearn.lora is built for the loss-based methods, SURE_ and Robust_ (not for "
+                        f"RMU, which trains chosen weights by name); set unlearn.per_method.{method}.lora.r 0")
     reference = reference or Reference(target, cfg["model"]["trust_remote_code"], cfg["runtime"]["zero3_reference"])
     if use_lora:  # the reference of a LoRA run is the model with its adapters off: at the start, the model itself
         ref = model if method in NEEDS_REF else None
@@ -346,8 +346,16 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     if not state.is_main_process:  # the main process writes the checkpoint
         state.wait_for_everyone()
         return out
-    if constraint is not None:
-        plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
+    if use_lora and wrapper == "Robust":  # the floor on the merged delta, its largest robust_topk share
+        from .robust.update import floor_merged_delta
+
+        names = [f"{t}.weight" for t in plan["lora_targets"]]
+        w0 = {n: before[n] for n in names}
+        plan["final"] = floor_merged_delta(model, w0, names, float(settings["robust_topk"]),
+                                           list(settings["robust_floor"]), float(settings["robust_floor_margin"]))
+    if constraint is not None or (use_lora and wrapper == "Robust"):
+        if constraint is not None:
+            plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
         if guard is not None and not guard.passes(model, len(losses), keep=False):  # the floor may collapse it too
             shutil.rmtree(state_dir, ignore_errors=True)
             raise TrainingCollapsed(guard.line(method, saved=None, after="the final floor"))

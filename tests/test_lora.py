@@ -64,10 +64,39 @@ def test_lora_unlearning_changes_only_the_adapted_modules(setup, method):
         assert meta["reference"] == "the model with its LoRA adapters off"
 
 
-def test_lora_with_robust_is_one_line(setup):
+def test_robust_with_lora_floors_the_largest_share_of_the_merged_delta(setup, tiny_models):
+    """Robust_ + LoRA: adapters on the salient modules, merged; then the largest robust_topk share of each
+    adapted weight's |W - W0| is floored (every kept weight flips its NF4 and int8 codes) and the rest of
+    the delta goes back to the target exactly."""
+    from robust_unlearn.robust.floor import verify_flips
+
+    from test_robust import ROBUST
+
+    _, bench, target, key, ref, out = setup
+    cfg = load_recipe(None, tiny_models.overrides + LORA + ROBUST)  # floor nf4 + int8, top 20%
+    path = unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
+    meta = read_metadata(path)
+    final = meta["plan"]["final"]
+    assert final["floor"] == ["nf4", "int8"] and final["updated_params"] > 0
+    targets = set(meta["plan"]["lora_targets"])
+    a, b = load_model(target)[0], load_model(str(path))[0]
+    wa, wb = dict(compressible_linears(a)), dict(compressible_linears(b))
+    topk = final["lora_delta_kept"]
+    for n in wa:
+        w0, w = wa[n].weight.detach(), wb[n].weight.detach()
+        changed = w != w0
+        if n not in targets:
+            assert not changed.any(), n
+            continue
+        assert changed.float().mean() <= topk + 1e-3, (n, float(changed.float().mean()))
+        rates = verify_flips(w0, w, changed, ["nf4", "int8"])
+        assert all(r == 1.0 for r in rates.values()), (n, rates)
+
+
+def test_lora_with_rmu_is_one_line(setup):
     cfg, bench, target, key, ref, out = setup
     with pytest.raises(UserError) as exc:
-        unlearn(cfg, bench, target, key, "Robust_GradDiff", out, ref)
+        unlearn(cfg, bench, target, key, "RMU", out, ref)
     assert "\n" not in str(exc.value) and "lora" in str(exc.value)
     with pytest.raises(UserError, match="lora.r"):
         load_recipe(None, ["unlearn.lora.r=-1"])

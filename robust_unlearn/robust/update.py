@@ -171,6 +171,35 @@ class SparseUpdate(Step):
         return stats
 
 
+def floor_merged_delta(model, w0: dict[str, torch.Tensor], names: list[str], topk: float, formats: list[str],
+                       margin: float) -> dict:
+    """The floor on a merged LoRA delta (``Robust_`` with ``unlearn.lora``). The delta W - W0 of each
+    adapted weight is dense and low-rank, so flooring all of it would move every weight of the module by
+    a bin. Its ``topk`` share of largest |W - W0| is kept and floored (each of those weights lands in
+    another quantization bin than the target's under every format in ``formats``); the rest of the
+    weight goes back to the target, bit for bit (``apply_floor`` outside its mask). -> statistics."""
+    from .floor import apply_floor
+
+    stats = {"updated_params": 0, "moved_by_floor": 0, "reverted": 0, "floor": list(formats),
+             "lora_delta_kept": topk}
+    params = dict(model.named_parameters())
+    for n in names:
+        p = params[n]
+        cur = p.detach()
+        target = w0[n].to(device=cur.device, dtype=cur.dtype)
+        delta = (cur.float() - target.float()).abs()
+        k = max(1, int(round(topk * delta.numel())))
+        thresh = torch.topk(delta.flatten(), k).values[-1]
+        mask = (delta >= thresh) & (delta > 0)
+        res = apply_floor(target, cur, mask, formats=formats, margin=margin)
+        with torch.no_grad():
+            p.copy_(res.weight)
+        stats["updated_params"] += res.n_updated
+        stats["moved_by_floor"] += res.n_moved_by_floor
+        stats["reverted"] += res.n_reverted
+    return stats
+
+
 def plan_update(model, objective, datasets: dict, settings: dict, robust: bool, seed: int = 0) -> tuple[SparseUpdate, dict]:
     """Saliency (and for ``robust``: attribution, retain Fisher, pruning awareness) at the target
     weights -> the :class:`SparseUpdate` to train with, and its statistics for the checkpoint metadata."""
