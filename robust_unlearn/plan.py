@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GiB = 1024 ** 3
 
@@ -316,7 +316,6 @@ def candidates(setup: Setup, gpus: int, method: str, settings: dict) -> list[Set
     """Configurations in order of cost: the recipe as written, then accumulation (same update, less
     activation memory), gradient checkpointing (~1/3 more compute), the processes as DDP then ZeRO-2 /
     ZeRO-3, and last LoRA (a different update)."""
-    from dataclasses import replace
     from .methods import split_method
 
     plain_step = split_method(method)[0] is None  # SURE_ / Robust_ step rules refuse accumulation
@@ -366,9 +365,16 @@ def render(shape: Shape, methods: list[str], settings_of, setup_of, gpus: int, g
         lines += [f"## {m}: {setup.describe(ref)}, {setup.rows} rows x {setup.seq_len} tokens per stream",
                   "", f"trained parameters: {p['trained_params'] / 1e6:.1f}M ({p['trained_params'] / shape.params:.1%})",
                   "", "| component | bytes per parameter | GiB |", "|---|---|---|"]
+        other = plan_method(shape, m, st, replace(setup, checkpointing=not setup.checkpointing))
         for k in ROWS:
             per = f"{p[k] / shape.params:.2f}" if k not in ("activations", "logits") else "-"
-            lines.append(f"| {k.replace('_', ' ')} | {per} | {p[k] / GiB:.2f} |")
+            label = k.replace("_", " ")
+            if k == "activations":
+                label += f" (gradient checkpointing {'on' if setup.checkpointing else 'off'})"
+            lines.append(f"| {label} | {per} | {p[k] / GiB:.2f} |")
+            if k == "activations":
+                lines.append(f"| activations with gradient checkpointing {'off' if setup.checkpointing else 'on'} "
+                             f"(peak then {other['peak'] / GiB:.2f}) | - | {other['activations'] / GiB:.2f} |")
         lines += [f"| **peak** (resident + max(backward, optimizer step)) | {p['peak'] / shape.params:.2f} | "
                   f"**{p['peak'] / GiB:.2f}** |", ""]
         s, q = cheapest(shape, m, st, setup, gpus, budget)

@@ -1,0 +1,115 @@
+"""Is GPTQ worse than round-to-nearest here? Held-out NLL of one checkpoint under RTN and GPTQ at the same
+group size, with RTN on GPTQ's own grid and GPTQ with more calibration (issue 13's open line).
+
+    python evals/gptq_vs_rtn.py TARGET_DIR --tofu ../shared/data/tofu [--group 64] [--samples 64] [--length 256]
+
+Columns (all W4, group ``--group``, lm_head kept, the model evaluated in fp32):
+- ``rtn4-gG``: this project's RTN, Zhang et al.'s 17-level grid [-8, 8] x absmax / 8 (``quant/rtn.py``);
+- ``rtn-ct``: round-to-nearest on GPTQ's grid, llm-compressor's ``QuantizationModifier`` with the same
+  symmetric int4 group scheme as the GPTQ column (compressed-tensors min-max scales, [-8, 7]), no
+  calibration: the like-for-like baseline of GPTQ's error feedback;
+- ``gptq (built-in)``: GPTQ calibrated as a sweep of the built-in benchmark calibrates it, on the
+  ``train_target`` split (all of its text: 14 x 256 tokens);
+- ``gptq (TOFU retain)``: GPTQ on ``--samples`` x ``--length`` tokens of TOFU's retain90 QA pairs in the
+  model's prompt format (the issue's 64 x 256).
+Evaluated on the built-in holdout split (18 questions no model trained on) and on the first 200 pairs of
+TOFU's forget10 (text this model never saw, disjoint from retain90): mean answer NLL per question.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from robust_unlearn.compress import get_compression  # noqa: E402
+from robust_unlearn.config import load_recipe  # noqa: E402
+from robust_unlearn.data import calibration_samples, load_benchmark  # noqa: E402
+from robust_unlearn.data.collate import formatter_for  # noqa: E402
+from robust_unlearn.models import load_model  # noqa: E402
+from robust_unlearn.quant import parse_format  # noqa: E402
+from robust_unlearn.quant.calibrated import Calibration, _args, _cpu_safe, _quiet, load_dequantized  # noqa: E402
+from robust_unlearn.scoring import qa_pass  # noqa: E402
+
+
+def nll(model, fmt, pairs, batch) -> float:
+    return float(np.mean(qa_pass(model, fmt, pairs, [], batch)[0]))
+
+
+def rtn_on_gptq_grid(model, group: int):
+    """llm-compressor's data-free W4A16 (symmetric int4 groups, min-max scales), saved compressed and
+    loaded back dequantized, as the GPTQ column is."""
+    from compressed_tensors.quantization import QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    _quiet()
+    fmt = parse_format(f"gptq4-g{group}")
+    scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=_args(fmt))}
+    with _cpu_safe():
+        oneshot(model=model, recipe=[QuantizationModifier(config_groups=scheme, ignore=["lm_head"])])
+    tmp = tempfile.mkdtemp(prefix="rtn-ct-")
+    try:
+        model.save_pretrained(tmp, save_compressed=True)
+        return load_dequantized(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("target")
+    ap.add_argument("--tofu", required=True, help="a TOFU directory (retain90.json, forget10.json)")
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--length", type=int, default=256)
+    a = ap.parse_args()
+    cfg = load_recipe(None, [])
+    bench = load_benchmark(cfg)
+    model, tok = load_model(a.target)
+    fmt = formatter_for(tok, cfg)
+    bs = cfg["eval"]["batch_size"]
+    read = lambda f: [json.loads(x) for x in (Path(a.tofu) / f).read_text().splitlines() if x.strip()]  # noqa: E731
+    tofu_eval = [(r["question"], r["answer"]) for r in read("forget10.json")[:200]]
+    holdout = [(r["question"], r["answer"]) for r in bench["holdout"]]
+    # calibration 1: the built-in benchmark's train_target split, as the sweep would take it
+    c1 = load_recipe(None, ["sweep.calibration.split=train_target", f"sweep.calibration.samples={a.samples}",
+                            f"sweep.calibration.length={a.length}"])
+    s1, src1 = calibration_samples(c1, bench, tok)
+    # calibration 2: TOFU retain90 pairs in the model's prompt format, concatenated and cut
+    stream = [t for r in read("retain90.json") for t in fmt.encode(r["question"], r["answer"])[0]]
+    s2 = [stream[i * a.length:(i + 1) * a.length] for i in range(a.samples)]
+    damp = cfg["sweep"]["calibration"]["gptq_dampening"]
+    g = a.group
+    cols = [("fp32", lambda m: m),
+            (f"rtn4-g{g} (17 levels)", lambda m: get_compression(f"rtn4-g{g}")(m)),
+            (f"rtn-ct int4-g{g} (GPTQ's grid)", lambda m: rtn_on_gptq_grid(m, g)),
+            (f"gptq4-g{g}, {src1}", lambda m: get_compression(f"gptq4-g{g}", Calibration(s1, src1, gptq_dampening=damp))(m)),
+            (f"gptq4-g{g}, TOFU retain90 {len(s2)}x{a.length} tokens",
+             lambda m: get_compression(f"gptq4-g{g}", Calibration(s2, "tofu retain90", gptq_dampening=damp))(m))]
+    print(f"{a.target}; NLL per question: built-in holdout ({len(holdout)}), TOFU forget10 ({len(tofu_eval)})\n")
+    print("| column | holdout NLL | vs fp32 | TOFU forget10 NLL | vs fp32 | seconds |")
+    print("|---|---|---|---|---|---|")
+    base = None
+    for name, fn in cols:
+        t0 = time.time()
+        m = fn(copy.deepcopy(model))
+        h, t = nll(m, fmt, holdout, bs), nll(m, fmt, tofu_eval, bs)
+        if base is None:
+            base = (h, t)
+        print(f"| {name} | {h:.4f} | {h - base[0]:+.4f} | {t:.4f} | {t - base[1]:+.4f} | {time.time() - t0:.0f} |",
+              flush=True)
+        del m
+
+
+if __name__ == "__main__":
+    main()
