@@ -151,11 +151,11 @@ def trained_params(shape: Shape, method: str, settings: dict, lora_r: int = 0) -
 # start of backward adds two (the gradients of the log-softmax's output and input). Counted from the
 # code, then measured (resident-set rise) on a one-layer model with a 32768-token vocabulary, where
 # logits dominate: NLL kept 1.23-1.25 / forward 3.2, KL kept 2.0 / forward 7.1, backward +2.0.
-_NLL, _KL = (1.25, 3.2), (2.0, 7.1)  # measured (below)
+_NLL, _KL = (1.25, 3.2), (2.0, 7.1)
 _FORGET_KIND = {"undial": _KL, "ceu": _KL}
 
 
-def stream_kinds(method: str, settings: dict) -> list[tuple[int, int]]:
+def stream_kinds(method: str, settings: dict) -> list[tuple[float, float]]:
     """The step's streams in the order the objective runs them: forget (IdkDPO: also the refusals), then
     retain when the method has a retain term."""
     from .methods import METHODS, split_method
@@ -234,7 +234,6 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
     deepspeed_bf16 = setup.zero > 0 and setup.precision in ("bf16", "mixed")  # DeepSpeed's bf16 mode
     wb = 2 if setup.precision == "bf16" or deepspeed_bf16 else 4
     compute = 2 if setup.precision in ("bf16", "mixed") else 4
-    deepspeed = setup.zero > 0
     lora = setup.lora_r if split_method(method)[1] != "RMU" else 0
     T = trained_params(shape, method, settings, lora)
     full_ft = T == shape.params and not lora
