@@ -120,22 +120,29 @@ def qa_pass_sharded(model, fmt, pairs: list[tuple[str, str]], questions: list[st
     """``qa_pass`` with the work split across the processes of an ``accelerate launch``: ``shard`` =
     (this process's index, number of processes). Each process takes every ``world``-th prompt (all its
     answers and its generation), and the results are gathered on every process
-    (``accelerate.utils.gather_object``), so each holds the whole pass. None / one process: ``qa_pass``."""
+    (:func:`per_item_sharded`), so each holds the whole pass. None / one process: ``qa_pass``."""
     if shard is None or shard[1] <= 1:
         return qa_pass(model, fmt, pairs, questions, batch_size, max_new_tokens)
-    from accelerate.utils import gather_object
-
-    rank, world = shard
     prompts = list(dict.fromkeys([q for q, _ in pairs] + list(questions)))
-    mine = set(prompts[rank::world])
-    idx = [i for i, (q, _) in enumerate(pairs) if q in mine]
-    nll, texts = qa_pass(model, fmt, [pairs[i] for i in idx], [q for q in questions if q in mine], batch_size,
-                         max_new_tokens)
+
+    def run(mine: list[str]) -> list[tuple[list[tuple[int, float]], str | None]]:
+        """This process's prompts -> per prompt: ((pair index, NLL) of its answers, its generated text)."""
+        keep = set(mine)
+        idx = [i for i, (q, _) in enumerate(pairs) if q in keep]
+        nll, texts = qa_pass(model, fmt, [pairs[i] for i in idx], [q for q in questions if q in keep], batch_size,
+                             max_new_tokens)
+        scored: dict[str, list[tuple[int, float]]] = {q: [] for q in mine}
+        for i, v in zip(idx, nll.tolist()):
+            scored[pairs[i][0]].append((i, v))
+        return [(scored[q], texts.get(q)) for q in mine]
+
     out = np.zeros(len(pairs))
     merged: dict[str, str] = {}
-    for ids, values, t in gather_object([(idx, nll.tolist(), texts)]):
-        out[ids] = values
-        merged.update(t)
+    for q, (scored, text) in zip(prompts, per_item_sharded(run, prompts, shard)):
+        for i, v in scored:
+            out[i] = v
+        if text is not None:
+            merged[q] = text
     return out, merged
 
 

@@ -353,12 +353,11 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         w0 = {n: before[n] for n in names}
         plan["final"] = floor_merged_delta(model, w0, names, float(settings["robust_topk"]),
                                            list(settings["robust_floor"]), float(settings["robust_floor_margin"]))
-    if constraint is not None or (use_lora and wrapper == "Robust"):
-        if constraint is not None:
-            plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
-        if guard is not None and not guard.passes(model, len(losses), keep=False):  # the floor may collapse it too
-            shutil.rmtree(state_dir, ignore_errors=True)
-            raise TrainingCollapsed(guard.line(method, saved=None, after="the final floor"))
+    elif constraint is not None:
+        plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
+    if plan is not None and "final" in plan and guard is not None and not guard.passes(model, len(losses), keep=False):
+        shutil.rmtree(state_dir, ignore_errors=True)  # the floor may collapse it too
+        raise TrainingCollapsed(guard.line(method, saved=None, after="the final floor"))
     saved_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     meta = {"role": "unlearned", "method": method, "spec": spec, "spec_key": key,
             "precision": precision_ran(settings["precision"], state.distributed_type), "precision_setting": settings["precision"],

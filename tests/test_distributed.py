@@ -48,6 +48,12 @@ def _cmd(launch: list[str], overrides: list[str], target: str, method: str, out:
                      "--out", str(out)]
 
 
+def _zero_launch(stage: int) -> list[str]:
+    """accelerate launch with the shipped DeepSpeed ZeRO-``stage`` config on 2 processes."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "recipes" / "accelerate" / f"zero{stage}.yaml"), "--num_processes", "2"]
+
+
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
@@ -78,9 +84,7 @@ def test_zero_on_two_processes_matches_one_process(setup, stage, methods):
     same method as one process."""
     cfg, bench, target, overrides, tmp = setup
     out = tmp / f"zero{stage}"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "recipes" / "accelerate" / f"zero{stage}.yaml"), "--num_processes", "2"]
-    _run(_cmd(launch, overrides, target, ",".join(methods), out))
+    _run(_cmd(_zero_launch(stage), overrides, target, ",".join(methods), out))
     for method in methods:
         single, multi = _one_process(setup, method), _ckpt(out, method)
         meta = read_metadata(multi)
@@ -109,9 +113,7 @@ def test_zero3_reference_is_partitioned_and_matches_one_process(setup):
     cfg, bench, target, overrides, tmp = setup
     out = tmp / "zero3-npo"
     fp32 = ["unlearn.per_method.NPO.precision=fp32", "unlearn.per_method.NPO.steps=4"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "recipes" / "accelerate" / "zero3.yaml"), "--num_processes", "2"]
-    _run(_cmd(launch, overrides + fp32, target, "NPO", out))
+    _run(_cmd(_zero_launch(3), overrides + fp32, target, "NPO", out))
     single_out = tmp / "single-NPO-fp32"
     if not (single_out / "checkpoints").is_dir():
         _run(_cmd([sys.executable], overrides + fp32, target, "NPO", single_out))
@@ -132,10 +134,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(setup, engine):
     cfg, bench, target, overrides, tmp = setup
     method = "Robust_GradDiff"
     ov = overrides + ["unlearn.per_method.Robust_GradDiff.steps=16", "runtime.checkpoint_every=2"]
-    launch = [sys.executable]
-    if engine == "zero2":
-        launch += ["-m", "accelerate.commands.launch", "--config_file",
-                   str(REPO / "recipes" / "accelerate" / "zero2.yaml"), "--num_processes", "2"]
+    launch = _zero_launch(2) if engine == "zero2" else [sys.executable]
     whole = tmp / f"uninterrupted-{engine}"
     _run(_cmd(launch, ov, target, method, whole))
 
@@ -168,27 +167,35 @@ def test_sigkilled_run_resumes_to_the_same_weights(setup, engine):
     assert not list((out / "checkpoints").glob(".*.train"))  # the states go once the checkpoint is saved
 
 
-def test_sharded_sweep_on_two_processes_writes_the_one_process_ledger(tiny_models, tmp_path):
-    """`accelerate launch --num_processes 2 -m robust_unlearn sweep`: each process scores half the prompts,
-    the main one gathers and alone writes the ledger; every value equals one process's within 1e-5."""
+# the built-in benchmark small enough for a sharded evaluation in seconds
+SHARDED_EVAL = ["model.prompt=qa", "eval.max_new_tokens=4", "data.num_authors=4", "data.qa_per_author=4",
+                "data.forget_split=forget25", "data.train_utility=false"]
+TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _ledgers_one_and_two_processes(args: list[str], tmp_path: Path):
+    """Run ``args`` (ending in ``--out``) as one process and under a 2-process launch -> for each run,
+    ({(model, compression, metric): value}, number of ledger rows)."""
     import json
 
-    t = tiny_models
-    ev = ["model.prompt=qa", "eval.max_new_tokens=4", "data.num_authors=4", "data.qa_per_author=4",
-          "data.forget_split=forget25", "data.train_utility=false"]
-    args = ["-m", "robust_unlearn", "sweep", f"tgt={t.target}", *ev, "--oracle", t.oracle,
-            "--compressions", "none,nf4", "--out"]
     _run([sys.executable] + args + [str(tmp_path / "one")])
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    _run(launch + args + [str(tmp_path / "two")])
+    _run(TWO_CPU_PROCESSES + args + [str(tmp_path / "two")])
 
     def values(d):
         rows = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines()]
         return {(r["model"], r["compression"], r["metric"]): r["value"] for r in rows}, len(rows)
 
-    one, n1 = values(tmp_path / "one")
-    two, n2 = values(tmp_path / "two")
+    return values(tmp_path / "one"), values(tmp_path / "two")
+
+
+def test_sharded_sweep_on_two_processes_writes_the_one_process_ledger(tiny_models, tmp_path):
+    """`accelerate launch --num_processes 2 -m robust_unlearn sweep`: each process scores half the prompts,
+    the main one gathers and alone writes the ledger; every value equals one process's within 1e-5."""
+    t = tiny_models
+    args = ["-m", "robust_unlearn", "sweep", f"tgt={t.target}", *SHARDED_EVAL, "--oracle", t.oracle,
+            "--compressions", "none,nf4", "--out"]
+    (one, n1), (two, n2) = _ledgers_one_and_two_processes(args, tmp_path)
     assert n1 == n2 and set(one) == set(two)  # every row once: only the main process wrote
     assert max(abs(one[k] - two[k]) for k in one) <= 1e-5, max((abs(one[k] - two[k]), k) for k in one)
 
@@ -196,23 +203,10 @@ def test_sharded_sweep_on_two_processes_writes_the_one_process_ledger(tiny_model
 def test_sharded_evaluate_on_two_processes_writes_the_one_process_ledger(tiny_models, tmp_path):
     """`accelerate launch --num_processes 2 -m robust_unlearn evaluate` (the whole metric catalogue, with an
     oracle): the same ledger as one process, each row once, within 1e-5."""
-    import json
-
     t = tiny_models
-    ev = ["model.prompt=qa", "eval.max_new_tokens=4", "data.num_authors=4", "data.qa_per_author=4",
-          "data.forget_split=forget25", "data.train_utility=false"]
-    args = ["-m", "robust_unlearn", "evaluate", t.target, *ev, "--oracle", t.oracle, "--label", "tgt", "--out"]
-    _run([sys.executable] + args + [str(tmp_path / "one")])
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    _run(launch + args + [str(tmp_path / "two")])
-
-    def values(d):
-        rows = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines()]
-        return {(r["model"], r["compression"], r["metric"]): r["value"] for r in rows}, len(rows)
-
-    one, n1 = values(tmp_path / "one")
-    two, n2 = values(tmp_path / "two")
+    args = ["-m", "robust_unlearn", "evaluate", t.target, *SHARDED_EVAL, "--oracle", t.oracle, "--label", "tgt",
+            "--out"]
+    (one, n1), (two, n2) = _ledgers_one_and_two_processes(args, tmp_path)
     assert n1 == n2 and set(one) == set(two)
     assert any("mia" in k[2].lower() for k in one), sorted(one)  # the catalogue ran
     assert max(abs(one[k] - two[k]) for k in one) <= 1e-5, max((abs(one[k] - two[k]), k) for k in one)
