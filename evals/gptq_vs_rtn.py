@@ -1,13 +1,16 @@
-"""Is GPTQ worse than round-to-nearest here? Held-out NLL of one checkpoint under RTN and GPTQ at the same
-group size, with RTN on GPTQ's own grid and GPTQ with more calibration (issue 13's open line).
+"""Is GPTQ (or AWQ) worse than round-to-nearest here? Held-out NLL of one checkpoint under RTN and GPTQ / AWQ
+at the same group size, with RTN on the calibrated method's own grid and more calibration (issue 13's open line).
 
-    python evals/gptq_vs_rtn.py TARGET_DIR --tofu ../shared/data/tofu [--group 64] [--samples 64] [--length 256]
+    python evals/gptq_vs_rtn.py TARGET_DIR --tofu ../shared/data/tofu [--method gptq|awq] [--group 64] \
+        [--samples 64] [--length 256]
 
 Columns (all W4, group ``--group``, lm_head kept, the model evaluated in fp32):
 - ``rtn4-gG``: this project's RTN, Zhang et al.'s 17-level grid [-8, 8] x absmax / 8 (``quant/rtn.py``);
 - ``rtn-ct``: round-to-nearest on GPTQ's grid, llm-compressor's ``QuantizationModifier`` with the same
   symmetric int4 group scheme as the GPTQ column (compressed-tensors min-max scales, [-8, 7]), no
   calibration: the like-for-like baseline of GPTQ's error feedback;
+- with ``--method awq`` the same columns for AWQ: ``rtn-ct`` on AWQ's grid (asymmetric int4 groups with a
+  zero point, [0, 15]) and AWQ (``n_grid`` of the recipe) in place of GPTQ;
 - ``gptq (built-in)``: GPTQ calibrated as a sweep of the built-in benchmark calibrates it, on the
   ``train_target`` split (all of its text: 14 x 256 tokens);
 - ``gptq (TOFU retain)``: GPTQ on ``--samples`` x ``--length`` tokens of TOFU's retain90 QA pairs in the
@@ -44,15 +47,16 @@ def nll(model, fmt, pairs, batch) -> float:
     return float(np.mean(qa_pass(model, fmt, pairs, [], batch)[0]))
 
 
-def rtn_on_gptq_grid(model, group: int):
-    """llm-compressor's data-free W4A16 (symmetric int4 groups, min-max scales), saved compressed and
-    loaded back dequantized, as the GPTQ column is."""
+def rtn_on_grid(model, fmt_name: str):
+    """llm-compressor's data-free W4A16 on ``fmt_name``'s grid (gptq: symmetric int4 groups; awq:
+    asymmetric with a zero point; min-max scales), saved compressed and loaded back dequantized, as the
+    calibrated columns are."""
     from compressed_tensors.quantization import QuantizationScheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     _quiet()
-    fmt = parse_format(f"gptq4-g{group}")
+    fmt = parse_format(fmt_name)
     scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=_args(fmt))}
     with _cpu_safe():
         oneshot(model=model, recipe=[QuantizationModifier(config_groups=scheme, ignore=["lm_head"])])
@@ -68,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target")
     ap.add_argument("--tofu", required=True, help="a TOFU directory (retain90.json, forget10.json)")
+    ap.add_argument("--method", choices=["gptq", "awq"], default="gptq")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--length", type=int, default=256)
@@ -87,14 +92,17 @@ def main() -> None:
     # calibration 2: TOFU retain90 pairs in the model's prompt format, concatenated and cut
     stream = [t for r in read("retain90.json") for t in fmt.encode(r["question"], r["answer"])[0]]
     s2 = [stream[i * a.length:(i + 1) * a.length] for i in range(a.samples)]
-    damp = cfg["sweep"]["calibration"]["gptq_dampening"]
+    cal = cfg["sweep"]["calibration"]
+    kw = {"gptq_dampening": cal["gptq_dampening"], "awq_n_grid": cal["awq_n_grid"]}
     g = a.group
+    fname = f"{a.method}4-g{g}"
+    grid = "GPTQ's grid, symmetric" if a.method == "gptq" else "AWQ's grid, asymmetric"
     cols = [("fp32", lambda m: m),
             (f"rtn4-g{g} (17 levels)", lambda m: get_compression(f"rtn4-g{g}")(m)),
-            (f"rtn-ct int4-g{g} (GPTQ's grid)", lambda m: rtn_on_gptq_grid(m, g)),
-            (f"gptq4-g{g}, {src1}", lambda m: get_compression(f"gptq4-g{g}", Calibration(s1, src1, gptq_dampening=damp))(m)),
-            (f"gptq4-g{g}, TOFU retain90 {len(s2)}x{a.length} tokens",
-             lambda m: get_compression(f"gptq4-g{g}", Calibration(s2, "tofu retain90", gptq_dampening=damp))(m))]
+            (f"rtn-ct int4-g{g} ({grid})", lambda m: rtn_on_grid(m, fname)),
+            (f"{fname}, {src1}", lambda m: get_compression(fname, Calibration(s1, src1, **kw))(m)),
+            (f"{fname}, TOFU retain90 {len(s2)}x{a.length} tokens",
+             lambda m: get_compression(fname, Calibration(s2, "tofu retain90", **kw))(m))]
     print(f"{a.target}; NLL per question: built-in holdout ({len(holdout)}), TOFU forget10 ({len(tofu_eval)})\n")
     print("| column | holdout NLL | vs fp32 | TOFU forget10 NLL | vs fp32 | seconds |")
     print("|---|---|---|---|---|---|")

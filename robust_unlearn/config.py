@@ -125,6 +125,8 @@ DEFAULTS: dict[str, Any] = {
         "stop_forget_prob": 0.1,   # stop early once forget answer probability <= this (None: never);
                                    # "oracle": the retain oracle's forget probability, "holdout": the
                                    # target's on the holdout split (both measured by the run itself)
+        "stop_under": [],          # the early stop also requires the forget level under each of these
+                                   # compressions of the current weights (e.g. [nf4, prune30]; [] : off)
         "stop_every": 4,           # check it (and the collapse guard) every this many steps
         "collapse_floor": 0.8,     # stop when retain probability < this x the target's (None: no guard);
                                    # the last state above it is saved, labelled, or nothing
@@ -556,6 +558,22 @@ def recipe_problems(cfg: dict) -> list[str]:
                 out.append(f"{where}.lora.alpha {lo.get('alpha')!r} must be > 0")
             if not (isinstance(lo.get("dropout"), (int, float)) and 0 <= lo["dropout"] < 1):
                 out.append(f"{where}.lora.dropout {lo.get('dropout')!r} must be in [0, 1)")
+        if "stop_under" in keys:
+            under = st["stop_under"]
+            if not isinstance(under, list):
+                out.append(f"{where}.stop_under {under!r} must be a list of compressions (e.g. [nf4, prune30])")
+            else:
+                from .compress import RELEARN, check_compression, needs_calibration
+
+                for c in under:
+                    if str(c) in RELEARN or needs_calibration(str(c)) or str(c) == "none":
+                        out.append(f"{where}.stop_under: '{c}' cannot be probed during training (expected a "
+                                   f"compression that needs no data: nf4, int8, fp4, rtn4[-g<G>], prune<N>, ...)")
+                        continue
+                    try:
+                        check_compression(str(c), f"{where}.stop_under")
+                    except UserError as exc:
+                        out.append(str(exc))
         if "kl_positions" in keys and st["kl_positions"] not in ("answer", "all"):
             out.append(f"{where}.kl_positions '{st['kl_positions']}' is unknown (expected answer or all)")
         if "robust_floor" in keys:

@@ -251,7 +251,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         levels = levels or StopLevels(cfg, bench, target)
         stop_level, settings["stop_forget_prob"] = levels.get(settings["stop_forget_prob"], where)
     spec = {"version": UNLEARN_VERSION, "method": method, "objective": objective_spec(method),
-            "settings": {k: v for k, v in settings.items() if k not in SPEC_NEUTRAL},
+            "settings": {k: v for k, v in settings.items()
+                         if k not in SPEC_NEUTRAL and not (k == "stop_under" and not v)},  # []: keys as before
             "target": target_id,
             "forget": fingerprint(bench["forget"]), "retain": fingerprint(retain_rows(bench)), "seed": cfg["seed"],
             "prompt": ids.prompt_spec(cfg)}
@@ -306,6 +307,13 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     forget_prob = answer_prob_probe(cfg, bench, tok, "forget")
     guard = CollapseGuard.for_run(cfg, bench, tok, settings, model, method)
     stop_at = settings["stop_forget_prob"]
+    under = StopUnder(settings.get("stop_under") or [], forget_prob, method)
+    if under.columns:
+        from accelerate.state import PartialState
+
+        if PartialState().num_processes > 1:
+            raise UserError(f"{method}: unlearn.stop_under probes compressed copies of the whole model, which a "
+                            f"multi-process run does not hold on one process; run it on one process or set stop_under []")
 
     def probe(m, step):
         p = forget_prob(m)
@@ -313,7 +321,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         log.info("%s: step %d forget probability %.3f", method, step, p)
         if guard is not None and not guard.passes(m, step):
             return True
-        return stop_at is not None and p <= stop_at
+        return stop_at is not None and p <= stop_at and under.reached(m, step, stop_at)
 
     stop = probe if (stop_at is not None or guard is not None) else None
 
@@ -372,6 +380,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         meta["reference_bytes"] = {"this_process": held[0], "whole_model": held[1]}
     if stop_level is not None:
         meta["stop_level"] = {"name": stop_level, "forget_prob": stop_at}
+    if under.columns:
+        meta["stop_under"] = under.summary()
     if guard is not None:
         meta["collapse_guard"] = guard.summary()
     if collapse is not None:  # labelled: these weights are the last good state, not the end of training
@@ -387,6 +397,42 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         state.wait_for_everyone()
     log.info("%s: %d steps in %.0fs, update %s", method, len(losses), time.time() - t0, meta["update"])
     return out
+
+
+class StopUnder:
+    """``unlearn.stop_under``: the early stop holds only when the forget level is reached by the current
+    weights *and* by each named compression of them (a copy compressed as the sweep compresses it, probed
+    with the same forget probe), so that training does not end on an update that compression undoes.
+    Probed only once full precision is at the level; every probe is kept for the metadata."""
+
+    def __init__(self, columns: list[str], forget_prob, method: str):
+        from .compress import get_compression
+
+        self.columns = [str(c) for c in columns]
+        self._fns = [(c, get_compression(c)) for c in self.columns]
+        self.forget_prob, self.method = forget_prob, method
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    @torch.no_grad()
+    def reached(self, model, step: int, level: float) -> bool:
+        if not self._fns:
+            return True
+        import copy
+
+        got = {}
+        for name, fn in self._fns:
+            m = fn(copy.deepcopy(model))
+            m.eval()
+            got[name] = self.forget_prob(m)
+            del m
+        self.history.append((step, got))
+        done = all(v <= level for v in got.values())
+        log.info("%s: step %d forget probability under %s (level %.3f)%s", self.method, step,
+                 ", ".join(f"{k} {v:.3f}" for k, v in got.items()), level, "" if done else ": training on")
+        return done
+
+    def summary(self) -> dict:
+        return {"columns": self.columns, "history": self.history}
 
 
 class CollapseGuard:

@@ -145,3 +145,52 @@ def test_a_floor_that_collapses_the_model_saves_nothing(tiny, tmp_path, monkeypa
     with pytest.raises(TrainingCollapsed, match=r"Robust_GradDiff: collapsed after the final floor \(step 2\).*nothing was saved"):
         unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
     assert not any(p.name.startswith("Robust_GradDiff") for p in tmp_path.iterdir())
+
+
+
+def test_stop_under_needs_the_level_under_every_named_compression():
+    from robust_unlearn.unlearn import StopUnder
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    w0 = m[0].weight.detach().clone()
+    probe = lambda model: float(model[0].weight.abs().sum())  # noqa: E731  (pruning lowers it)
+    full = probe(m)
+    su = StopUnder(["prune30"], probe, "GradDiff")
+    assert su.reached(m, 4, level=full)           # pruned copy: below the full-precision value
+    assert not su.reached(m, 8, level=full / 10)  # not low enough under prune30
+    assert [s for s, _ in su.history] == [4, 8] and set(su.history[0][1]) == {"prune30"}
+    assert su.history[0][1]["prune30"] < full
+    assert torch.equal(m[0].weight, w0)  # probes compress a copy, never the model being trained
+    assert StopUnder([], probe, "GradDiff").reached(m, 4, level=0.0)  # nothing named: full precision decides
+
+
+def test_stop_under_trains_on_past_the_full_precision_stop(tiny, tmp_path):
+    base = ["unlearn.stop_every=1", "unlearn.per_method.GradDiff.lr=3e-3", "unlearn.epochs=40",
+            "unlearn.per_method.GradDiff.stop_forget_prob=0.5", "unlearn.collapse_floor=null"]
+    plain = read_metadata(unlearn(_cfg(tiny, base), tiny.bench, tiny.target, tiny.target_key, "GradDiff", tmp_path / "a"))
+    meta = read_metadata(unlearn(_cfg(tiny, base + ["unlearn.stop_under=[prune30]"]), tiny.bench, tiny.target,
+                                 tiny.target_key, "GradDiff", tmp_path / "b"))
+    assert "stop_under" not in plain and "stop_under" not in plain["spec"]["settings"]  # []: the old spec keys
+    su = meta["stop_under"]
+    assert su["columns"] == ["prune30"] and su["history"], su
+    # prune30 is probed only where full precision is at the level; every probe but a stopping last one is above it
+    fp = dict(meta["forget_prob_history"])
+    assert all(fp[step] <= 0.5 for step, _ in su["history"])
+    assert all(got["prune30"] > 0.5 for _, got in su["history"][:-1])
+    assert meta["steps"] >= plain["steps"] == su["history"][0][0]
+    last_step, last = su["history"][-1]
+    if last["prune30"] <= 0.5:  # reached under prune30 too: training stopped right there
+        assert last_step == meta["steps"]
+
+
+def test_stop_under_bad_columns_are_one_line_each():
+    from robust_unlearn.config import recipe_problems
+
+    with pytest.raises(UserError, match="unlearn.stop_under: 'relearn-retain' cannot be probed during training"):
+        load_recipe(None, ["unlearn.stop_under=[relearn-retain]"])
+    cfg = load_recipe(None, [])
+    cfg["unlearn"]["per_method"]["Robust_GradDiff"]["stop_under"] = ["gptq4-g64", "nf9", "nf4"]
+    probs = recipe_problems(cfg)
+    assert [p.split(":")[0] for p in probs] == ["unlearn.per_method.Robust_GradDiff.stop_under"] * 2, probs
+    assert "'gptq4-g64' cannot be probed" in probs[0] and "unknown compression 'nf9'" in probs[1]
