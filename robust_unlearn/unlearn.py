@@ -177,6 +177,9 @@ class SharedReference:
 
 # settings that change how a run is computed, not what it computes: a checkpoint keeps its key with them
 SPEC_NEUTRAL = ("gradient_checkpointing",)
+# settings added after checkpoints were cached: at these values (off) they are left out of the key, so
+# every checkpoint trained before them keeps its key
+SPEC_OFF = {"stop_under": [], "robust_floor_snap": False}
 
 
 def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = None):
@@ -252,7 +255,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         stop_level, settings["stop_forget_prob"] = levels.get(settings["stop_forget_prob"], where)
     spec = {"version": UNLEARN_VERSION, "method": method, "objective": objective_spec(method),
             "settings": {k: v for k, v in settings.items()
-                         if k not in SPEC_NEUTRAL and not (k == "stop_under" and not v)},  # []: keys as before
+                         if k not in SPEC_NEUTRAL and not (k in SPEC_OFF and v == SPEC_OFF[k])},
             "target": target_id,
             "forget": fingerprint(bench["forget"]), "retain": fingerprint(retain_rows(bench)), "seed": cfg["seed"],
             "prompt": ids.prompt_spec(cfg)}

@@ -288,6 +288,23 @@ def codes(w: torch.Tensor, fmt) -> torch.Tensor:
     return code_of(x, fmt).view(w.shape)
 
 
+def dequantized(w: torch.Tensor, fmt) -> torch.Tensor:
+    """What the format's quantize-then-dequantize gives back for every element of ``w`` (fp32, same
+    shape), under ``w``'s own scales: nf4 / fp4 the table value of the code times the block absmax (one
+    fp32 product, as bitsandbytes' dequantize_4bit), rtn the code times the step D. int8 / gptq / awq:
+    ValueError (their weights are quantized through fp16 or with calibrated scales)."""
+    fmt = parse_format(fmt)
+    if fmt.kind not in (KIND_TABLE, KIND_RTN):
+        raise ValueError(f"dequantized: {fmt.name} is not an nf4 / fp4 / rtn format")
+    g = group_index(tuple(w.shape), fmt, w.device)
+    S = grouped(w, fmt).abs().amax(dim=1)
+    k = codes(w, fmt).reshape(-1).long()
+    if fmt.kind == KIND_TABLE:
+        lv = torch.tensor(levels(fmt.quant_type), dtype=torch.float32, device=w.device)
+        return (lv[k] * S[g]).view(w.shape)
+    return (k.float() * multiplier(S, fmt)[g]).view(w.shape)
+
+
 def scales(w: torch.Tensor, fmt) -> torch.Tensor:
     """The scale per group as the quantizer stores it: nf4/fp4 block absmax (64 consecutive elements of
     the flattened tensor), int8 row absmax of the fp16 weight, rtn the step D (per row or group),

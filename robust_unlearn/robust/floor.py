@@ -59,7 +59,7 @@ import torch
 from ..errors import UserError
 from ..quant import (KIND_INT8, KIND_TABLE, NAMES, QuantFormat, bounds, code_of, codes, domain, group_index, grouped,
                      library_codes, multiplier, normalize, parse_format, rows_cols)
-from ..quant import scales  # noqa: F401  (re-exported: the floor's public name for a format's scales)
+from ..quant import dequantized, scales  # scales: also the floor's public name for a format's scales
 
 DEFAULT_MARGIN = 0.2
 MIN_ULPS = 2
@@ -393,6 +393,24 @@ def _scales_equal(a: list[_Stats], b: list[_Stats]) -> bool:
 
 
 @torch.no_grad()
+def snap_to_codes(w_target: torch.Tensor, weight: torch.Tensor, fmt) -> tuple[torch.Tensor, int]:
+    """The floor's result with every updated element (``weight != w_target``) put on the value its code
+    dequantizes to under ``fmt`` (one nf4 / fp4 / rtn format), so that quantizing the result leaves those
+    elements exactly where they are. The codes do not change, and neither do the group scales: a value
+    moves to ``level x S`` with ``|level| <= 1``, and the element that holds a group's absmax S has the
+    extreme level, so it stays at S. Checked: FloorError if a code or a scale changed. -> (weight in
+    ``weight``'s dtype, elements snapped)."""
+    fmt = floor_format(fmt)
+    w = weight.float()
+    upd = w != w_target.to(w.dtype)
+    out = torch.where(upd, dequantized(w, fmt), w).to(weight.dtype)
+    f32 = out.float()
+    if not (torch.equal(codes(f32, fmt)[upd], codes(w, fmt)[upd]) and torch.equal(scales(f32, fmt), scales(w, fmt))):
+        raise FloorError(f"snap to {fmt.name} codes changed a code or a scale (shape {tuple(weight.shape)}, "
+                         f"dtype {weight.dtype}); the weight is left as the floor placed it")
+    return out, int((out != weight).sum())
+
+
 def apply_floor(w_target, w_current, mask=None, formats=("nf4",), margin: float = DEFAULT_MARGIN,
                 backend: str = "auto", max_iters: int = MAX_ITERS, min_ulps: int = MIN_ULPS) -> FloorResult:
     """Floor ``w_current`` against ``w_target`` (see the module docstring). ``mask`` (bool, broadcast to

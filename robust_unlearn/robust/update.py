@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class SparseUpdate(Step):
     def __init__(self, model, masks: dict[str, torch.Tensor], nullspace: int = 0, floor: list[str] | None = None,
-                 floor_margin: float = 0.2, floor_every: int = 0):
+                 floor_margin: float = 0.2, floor_every: int = 0, floor_snap: bool = False):
         named = dict(model.named_parameters())
         self.params = {n: named[n] for n in masks}
         self.masks = {n: m.to(named[n].device) for n, m in masks.items()}
@@ -41,6 +41,7 @@ class SparseUpdate(Step):
         self.floor = list(floor or [])
         self.floor_margin = floor_margin
         self.floor_every = int(floor_every)
+        self.floor_snap = bool(floor_snap)
         self._steps = 0
         self.w0: dict[str, torch.Tensor] = {}
         self._retain: deque = deque(maxlen=max(self.nullspace, 1))
@@ -155,19 +156,25 @@ class SparseUpdate(Step):
             stats["updated_params"] = sum(int((get(p) != self.w0[n].to(get(p).dtype)).sum())
                                           for n, p in self.params.items())
             return stats
-        from .floor import apply_floor
+        from .floor import apply_floor, snap_to_codes
 
-        moved = reverted = 0
+        moved = reverted = snapped = 0
         for n, p in self.params.items():
             cur = get(p)
             w0 = self.w0[n].to(cur.dtype)
             changed = self.masks[n] & (cur != w0)
             res = apply_floor(w0, cur, changed, formats=self.floor, margin=self.floor_margin)
-            self.engine.set_param(p, res.weight)
+            weight = res.weight
+            if self.floor_snap:
+                weight, k = snap_to_codes(w0, weight, self.floor[0])
+                snapped += k
+            self.engine.set_param(p, weight)
             moved += res.n_moved_by_floor
             reverted += res.n_reverted
             stats["updated_params"] += res.n_updated
         stats.update(moved_by_floor=moved, reverted=reverted)
+        if self.floor_snap:
+            stats["snapped"] = snapped
         return stats
 
 
@@ -223,7 +230,7 @@ def plan_update(model, objective, datasets: dict, settings: dict, robust: bool, 
                                    settings["robust_fisher_exclude"], settings["robust_prune_aware"])
         update = SparseUpdate(model, masks, nullspace=settings["robust_nullspace"] if "retain" in datasets else 0,
                               floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"],
-                              floor_every=settings["robust_floor_every"])
+                              floor_every=settings["robust_floor_every"], floor_snap=settings["robust_floor_snap"])
     stats["salient"] = salient
     stats["saliency_top"] = sorted(saliency.items(), key=lambda kv: -kv[1])[:10]
     log.info("update plan: %d salient modules, %d weights to update", stats["salient_modules"], stats["updated_params"])
