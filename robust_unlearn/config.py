@@ -140,8 +140,10 @@ DEFAULTS: dict[str, Any] = {
         "robust_prune_aware": 0.3, # never update weights magnitude pruning at this sparsity would zero
         "robust_floor": ["nf4"],   # formats whose code every updated weight must change (nf4, fp4, int8, rtn4-g128, ...)
         "robust_floor_margin": 0.2,  # how far past the bin edge, as a fraction of the new bin's width
-        "robust_floor_snap": False,  # then put every updated weight on its new code's value (one nf4 / fp4
-                                     # / rtn format): that format's quantizer leaves it exactly as it is
+        "robust_qat": False,       # train through the deployed grid (one nf4 / fp4 / rtn format in robust_floor):
+                                   # the forward sees each masked weight at its target value until it leaves its
+                                   # target's code, then at its new code's value (straight-through gradients);
+                                   # the saved update is exactly those weights, on their codes' values
         "robust_floor_every": 0,   # also floor every this many steps, training on from there (0: at the end only)
         "per_method": {            # method -> {key: value} overriding the keys above for that method
             "GradDiff": {"lr": 1.5e-4, "stop_forget_prob": 0.12},
@@ -588,14 +590,14 @@ def recipe_problems(cfg: dict) -> list[str]:
                     out.append(f"{where}.robust_floor: {exc}")
             if len(formats) > MAX_FORMATS:
                 out.append(f"{where}.robust_floor names {len(formats)} formats (at most {MAX_FORMATS} at once)")
-        if st.get("robust_floor_snap") and ("robust_floor_snap" in keys or "robust_floor" in keys):
+        if st.get("robust_qat") and ("robust_qat" in keys or "robust_floor" in keys):
             try:
                 fl = [floor_format(f) for f in st["robust_floor"]]
             except UserError:
                 fl = None
             if fl is not None and (len({f.key for f in fl}) != 1 or fl[0].kind == KIND_INT8):
-                out.append(f"{where}.robust_floor_snap needs exactly one nf4 / fp4 / rtn format in robust_floor "
-                           f"(got {list(st['robust_floor'])}): a weight sits on one grid's code value")
+                out.append(f"{where}.robust_qat needs exactly one nf4 / fp4 / rtn format in robust_floor "
+                           f"(got {list(st['robust_floor'])}): the forward uses one grid's code values")
         if "rmu_params" in keys:
             try:
                 re.compile(st["rmu_params"])

@@ -287,3 +287,48 @@ def test_kernel_package_import_path():
     wt, wc, mask = case((37, 150), torch.float16, seed=11, step=1e-3)
     res = F.apply_floor(wt, wc, mask, formats="nf4", backend="triton")
     assert res.backend == "triton" and F.verify_flips(wt, res.weight, mask, ["nf4"])["nf4"] == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "rtn4-g64"])
+def test_snap_puts_updated_weights_where_the_quantizer_leaves_them(fmt):
+    """``snap_to_codes`` (``robust_qat``'s saved state): every updated element sits on its code's dequantized value,
+    so compressing with that format leaves it bit for bit; codes and scales are the floor's."""
+    from robust_unlearn.compress import get_compression
+
+    wt, wc, mask = case((37, 150), torch.float32, seed=6, step=3e-4)
+    res = F.apply_floor(wt, wc, mask, formats=fmt)
+    out, n = F.snap_to_codes(wt, res.weight, fmt)
+    updated = out != wt
+    assert torch.equal(updated, res.weight != wt) and n > 0.5 * int(updated.sum())
+    assert torch.equal(F.codes(out, fmt), F.codes(res.weight, fmt))
+    assert torch.equal(F.scales(out, fmt), F.scales(res.weight, fmt))
+    assert bool((F.codes(out, fmt) != F.codes(wt, fmt))[updated].all())  # the floor's guarantee holds
+    assert torch.equal(out[~updated], wt[~updated])
+    lin = torch.nn.Linear(150, 37, bias=False)
+    lin.weight.data = out.clone()
+    q = get_compression(fmt)(torch.nn.Sequential(lin))[0].weight.detach()
+    assert torch.equal(q[updated], out[updated])  # the quantizer's own output (bitsandbytes for nf4 / fp4)
+    assert not torch.equal(q[~updated], out[~updated])  # the rest is rounded as usual
+
+
+def test_dequantized_equals_bitsandbytes_on_odd_sizes():
+    import bitsandbytes.functional as bf
+
+    from robust_unlearn.quant import dequantized
+
+    g = torch.Generator().manual_seed(7)
+    for shape in [(5, 77), (130,), (3, 3, 41)]:
+        w = torch.randn(shape, generator=g) * 0.03
+        for qt in ["nf4", "fp4"]:
+            q, st = bf.quantize_4bit(w, blocksize=64, quant_type=qt, compress_statistics=False)
+            back = bf.dequantize_4bit(q, st, blocksize=64, quant_type=qt).view(shape)  # 1-d comes back as [1, n]
+            assert torch.equal(dequantized(w, qt), back), (shape, qt)
+    with pytest.raises(ValueError, match="int8 is not an nf4 / fp4 / rtn format"):
+        dequantized(w, "int8")
+
+
+def test_qat_needs_one_table_or_rtn_format():
+    from robust_unlearn.config import load_recipe
+
+    with pytest.raises(UserError, match="robust_qat needs exactly one nf4 / fp4 / rtn format"):
+        load_recipe(None, ["unlearn.robust_qat=true", "unlearn.robust_floor=[nf4,fp4]"])

@@ -165,3 +165,40 @@ def test_floor_inside_the_loop_keeps_the_guarantee(setup):
     for n in moved:
         upd = wa[n] != wb[n]
         assert verify_flips(wa[n], wb[n], upd, ["rtn4-g128"])["rtn4-g128"] == 1.0
+
+
+def test_qat_trains_through_the_deployed_grid_and_saves_it_exactly(setup):
+    """``robust_qat``: what the forward saw is what is saved: the weights that left their target's nf4 code,
+    on their new codes' values (bitsandbytes' NF4 gives them back bit for bit); every other weight the target's."""
+    from robust_unlearn.compress import get_compression
+
+    cfg, bench, target, key, ref, out = setup
+    cfg2 = load_recipe(None, TINY + ROBUST + ["unlearn.robust_floor=[nf4]", "unlearn.per_method.Robust_GradDiff.robust_qat=true",
+                                              "unlearn.per_method.Robust_GradDiff.robust_floor_every=2",  # ignored under qat
+                                              f"cache_dir={cfg['cache_dir']}"])
+    f0, _ = probs(cfg2, bench, target)
+    ckpt = unlearn(cfg2, bench, target, key, "Robust_GradDiff", out / "qat", ref)
+    meta = read_metadata(ckpt)
+    assert meta["plan"]["final"]["qat"] is True and meta["spec"]["settings"]["robust_qat"] is True
+    f1, _ = probs(cfg2, bench, ckpt)
+    assert f1 < f0  # it still unlearns
+    a, wa = _weights(target)
+    b, wb = _weights(ckpt)
+    assert not any("parametrizations" in n for n, _ in b.named_parameters())
+    q = get_compression("nf4")(b)
+    wq = {f"{n}.weight": m.weight.detach() for n, m in compressible_linears(q)}
+    n_changed = 0
+    for n in wa:
+        upd = wa[n] != wb[n]
+        n_changed += int(upd.sum())
+        if upd.any():
+            assert verify_flips(wa[n], wb[n], upd, ["nf4"])["nf4"] == 1.0
+            assert torch.equal(wq[n][upd], wb[n][upd]), n
+    assert 0 < n_changed == meta["plan"]["final"]["updated_params"]
+
+
+def test_qat_is_off_in_the_spec_of_earlier_checkpoints(setup):
+    cfg, *_ = setup
+    from robust_unlearn.unlearn import SPEC_OFF
+
+    assert SPEC_OFF["robust_qat"] is False and cfg["unlearn"]["robust_qat"] is False

@@ -26,6 +26,7 @@ from collections import deque
 import torch
 
 from ..engine import PLAIN, Step
+from ..errors import UserError
 from .saliency import build_masks, forget_scores, linear_weights, retain_fisher, salient_modules
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 class SparseUpdate(Step):
     def __init__(self, model, masks: dict[str, torch.Tensor], nullspace: int = 0, floor: list[str] | None = None,
-                 floor_margin: float = 0.2, floor_every: int = 0, floor_snap: bool = False):
+                 floor_margin: float = 0.2, floor_every: int = 0, qat: bool = False):
         named = dict(model.named_parameters())
         self.params = {n: named[n] for n in masks}
         self.masks = {n: m.to(named[n].device) for n, m in masks.items()}
@@ -41,12 +42,16 @@ class SparseUpdate(Step):
         self.floor = list(floor or [])
         self.floor_margin = floor_margin
         self.floor_every = int(floor_every)
-        self.floor_snap = bool(floor_snap)
+        self.qat = bool(qat)
+        if self.qat and len(self.floor) != 1:
+            raise UserError(f"robust_qat needs exactly one floor format, got {self.floor}")
+        self._model = model
         self._steps = 0
         self.w0: dict[str, torch.Tensor] = {}
         self._retain: deque = deque(maxlen=max(self.nullspace, 1))
         self._gf: torch.Tensor | None = None
         self._hooks: list = []
+        self._deployed: dict = {}  # robust_qat: weight name -> (module, attribute, its Deployed parametrization)
         self.engine = None
         self._split = False
         for p in model.parameters():
@@ -65,13 +70,22 @@ class SparseUpdate(Step):
         self.engine = PLAIN
         if not self._hooks:
             self._hooks = [p.register_hook(lambda g, m=self.masks[n]: g * m) for n, p in self.params.items()]
+        if self.qat and not self._deployed:
+            from torch.nn.utils import parametrize
+
+            mods = dict(self._model.named_modules())
+            for n in self.params:
+                owner, _, attr = n.rpartition(".")
+                d = Deployed(self.w0[n], self.masks[n], self.floor[0])
+                parametrize.register_parametrization(mods[owner], attr, d, unsafe=True)
+                self._deployed[n] = (mods[owner], attr, d)
 
     def attach(self, engine, model=None) -> None:
         """Read and write through ``engine``; with ``model``, follow its parameters (by name)."""
         self.engine = engine
         if model is not None:
             named = dict(model.named_parameters())
-            self.params = {n: named[n] for n in self.params}
+            self.params = {n: named[n] if n in named else named[_parametrized(n)] for n in self.params}
 
     def forward(self, objective, model, batches: dict) -> torch.Tensor:
         """The loss; with the null-space step the forget term's gradients are taken here (its own
@@ -144,7 +158,7 @@ class SparseUpdate(Step):
             cur = self.engine.get_param(p)
             self.engine.set_param(p, torch.where(self.masks[n], cur, self.w0[n].to(cur.dtype)))
         self._steps += 1
-        if self.floor and self.floor_every and self._steps % self.floor_every == 0:
+        if self.floor and self.floor_every and not self.qat and self._steps % self.floor_every == 0:
             self.finish()  # projected steps: training goes on from the floored weights
 
     @torch.no_grad()
@@ -156,26 +170,78 @@ class SparseUpdate(Step):
             stats["updated_params"] = sum(int((get(p) != self.w0[n].to(get(p).dtype)).sum())
                                           for n, p in self.params.items())
             return stats
-        from .floor import apply_floor, snap_to_codes
+        if self.qat:
+            return self._finish_deployed(stats)
+        from .floor import apply_floor
 
-        moved = reverted = snapped = 0
+        moved = reverted = 0
         for n, p in self.params.items():
             cur = get(p)
             w0 = self.w0[n].to(cur.dtype)
             changed = self.masks[n] & (cur != w0)
             res = apply_floor(w0, cur, changed, formats=self.floor, margin=self.floor_margin)
-            weight = res.weight
-            if self.floor_snap:
-                weight, k = snap_to_codes(w0, weight, self.floor[0])
-                snapped += k
-            self.engine.set_param(p, weight)
+            self.engine.set_param(p, res.weight)
             moved += res.n_moved_by_floor
             reverted += res.n_reverted
             stats["updated_params"] += res.n_updated
         stats.update(moved_by_floor=moved, reverted=reverted)
-        if self.floor_snap:
-            stats["snapped"] = snapped
         return stats
+
+    @torch.no_grad()
+    def _finish_deployed(self, stats: dict) -> dict:
+        """``robust_qat``: the saved weights are what the forward used: each masked weight whose code left
+        its target's at its new code's value, every other weight the target's. The parametrizations come
+        off. A code that the new block scales would put back (an absmax that moved) is floored, and the
+        result snapped onto the codes again (``floor.snap_to_codes`` checks codes and scales)."""
+        from torch.nn.utils import parametrize
+
+        from .floor import apply_floor, snap_to_codes
+
+        left = 0
+        for n, p in self.params.items():
+            mod, attr, d = self._deployed[n]
+            eff = d(p.detach().float())
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+            w0 = self.w0[n].float()
+            upd = eff != w0
+            res = apply_floor(w0, eff, upd, formats=self.floor, margin=self.floor_margin)
+            weight, _ = snap_to_codes(w0, res.weight, self.floor[0])
+            left += int((self.masks[n] & (p.detach().float() != w0)).sum()) - int((weight != w0).sum())
+            p.data = weight.to(p.dtype)
+            stats["updated_params"] += int((weight != w0).sum())
+        self._deployed.clear()
+        stats.update(moved_by_floor=0, reverted=left, qat=True)
+        return stats
+
+
+def _parametrized(name: str) -> str:
+    """The name ``torch.nn.utils.parametrize`` gives a parametrized tensor's original."""
+    owner, _, attr = name.rpartition(".")
+    return f"{owner}.parametrizations.{attr}.original"
+
+
+class Deployed(torch.nn.Module):
+    """``robust_qat``'s parametrization of one weight: the forward sees ``w0`` wherever the latent weight
+    still has its target's code (under ``fmt``, with the latent tensor's own scales), and the value its
+    new code dequantizes to where it left it; gradients pass straight through to the latent weight."""
+
+    def __init__(self, w0: torch.Tensor, mask: torch.Tensor, fmt: str):
+        super().__init__()
+        from ..quant import codes
+
+        self.fmt = fmt
+        self.register_buffer("w0", w0.detach().float().clone(), persistent=False)
+        self.register_buffer("mask", mask.detach().clone(), persistent=False)
+        self.register_buffer("kt", codes(self.w0, fmt), persistent=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        from ..quant import codes, dequantized
+
+        with torch.no_grad():
+            wf = w.detach().float()
+            left = self.mask & (codes(wf, self.fmt) != self.kt)
+            eff = torch.where(left, dequantized(wf, self.fmt), self.w0).to(w.dtype)
+        return w + (eff - w).detach()
 
 
 def floor_merged_delta(model, w0: dict[str, torch.Tensor], names: list[str], topk: float, formats: list[str],
@@ -230,7 +296,7 @@ def plan_update(model, objective, datasets: dict, settings: dict, robust: bool, 
                                    settings["robust_fisher_exclude"], settings["robust_prune_aware"])
         update = SparseUpdate(model, masks, nullspace=settings["robust_nullspace"] if "retain" in datasets else 0,
                               floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"],
-                              floor_every=settings["robust_floor_every"], floor_snap=settings["robust_floor_snap"])
+                              floor_every=settings["robust_floor_every"], qat=settings["robust_qat"])
     stats["salient"] = salient
     stats["saliency_top"] = sorted(saliency.items(), key=lambda kv: -kv[1])[:10]
     log.info("update plan: %d salient modules, %d weights to update", stats["salient_modules"], stats["updated_params"])
