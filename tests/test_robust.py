@@ -202,3 +202,30 @@ def test_qat_is_off_in_the_spec_of_earlier_checkpoints(setup):
     from robust_unlearn.unlearn import SPEC_OFF
 
     assert SPEC_OFF["robust_qat"] is False and cfg["unlearn"]["robust_qat"] is False
+
+
+def test_prune_view_trains_through_the_pruned_model_and_restores_it(setup):
+    """``robust_prune_view`` (with ``robust_qat``): inside the view the model is the target-threshold pruned
+    one (frozen linears swapped, trained ones masked in their parametrization); outside, untouched."""
+    from robust_unlearn.compress.prune import magnitude_prune
+    from robust_unlearn.robust.update import PrunedView
+
+    cfg, bench, target, key, ref, out = setup
+    model, _ = load_model(str(target))
+    pruned = magnitude_prune(load_model(str(target))[0], 0.3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    view = PrunedView(model, 0.3, {})
+    with view:
+        inside = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want = dict(pruned.named_parameters())
+    assert all(torch.equal(inside[n], want[n].detach()) for n in inside)  # = compress.prune at the target
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    cfg2 = load_recipe(None, TINY + ROBUST + ["unlearn.robust_floor=[nf4]", "unlearn.per_method.Robust_GradDiff.robust_qat=true",
+                                              "unlearn.per_method.Robust_GradDiff.robust_prune_view=0.3",
+                                              f"cache_dir={cfg['cache_dir']}"])
+    f0, _ = probs(cfg2, bench, target)
+    ckpt = unlearn(cfg2, bench, target, key, "Robust_GradDiff", out / "qat_prune", ref)
+    assert read_metadata(ckpt)["spec"]["settings"]["robust_prune_view"] == 0.3
+    assert probs(cfg2, bench, ckpt)[0] < f0
+    with pytest.raises(Exception, match="robust_prune_view 0.3 needs robust_qat true"):
+        load_recipe(None, ["unlearn.robust_prune_view=0.3"])

@@ -25,6 +25,7 @@ from collections import deque
 
 import torch
 
+from ..compress import compressible_linears
 from ..engine import PLAIN, Step
 from ..errors import UserError
 from .saliency import build_masks, forget_scores, linear_weights, retain_fisher, salient_modules
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 class SparseUpdate(Step):
     def __init__(self, model, masks: dict[str, torch.Tensor], nullspace: int = 0, floor: list[str] | None = None,
-                 floor_margin: float = 0.2, floor_every: int = 0, qat: bool = False):
+                 floor_margin: float = 0.2, floor_every: int = 0, qat: bool = False, prune_view: float = 0.0):
         named = dict(model.named_parameters())
         self.params = {n: named[n] for n in masks}
         self.masks = {n: m.to(named[n].device) for n, m in masks.items()}
@@ -46,6 +47,10 @@ class SparseUpdate(Step):
         if self.qat and len(self.floor) != 1:
             raise UserError(f"robust_qat needs exactly one floor format, got {self.floor}")
         self._model = model
+        self.prune_view = float(prune_view)
+        if self.prune_view and not self.qat:
+            raise UserError("robust_prune_view trains through the pruned model's deployed weights: it needs robust_qat")
+        self._view: PrunedView | None = None
         self._steps = 0
         self.w0: dict[str, torch.Tensor] = {}
         self._retain: deque = deque(maxlen=max(self.nullspace, 1))
@@ -79,6 +84,8 @@ class SparseUpdate(Step):
                 d = Deployed(self.w0[n], self.masks[n], self.floor[0])
                 parametrize.register_parametrization(mods[owner], attr, d, unsafe=True)
                 self._deployed[n] = (mods[owner], attr, d)
+        if self.prune_view and self._view is None:
+            self._view = PrunedView(self._model, self.prune_view, self._deployed)
 
     def attach(self, engine, model=None) -> None:
         """Read and write through ``engine``; with ``model``, follow its parameters (by name)."""
@@ -91,6 +98,8 @@ class SparseUpdate(Step):
         """The loss; with the null-space step the forget term's gradients are taken here (its own
         forward and backward) and the retain term is kept for ``update``'s backward."""
         self._split = self.split_grads and getattr(objective, "retain_term", None) is not None
+        if self._view is not None:
+            return self._forward_two_views(objective, model, batches)
         if not self._split:
             return super().forward(objective, model, batches)
         with self.engine.acc.autocast():
@@ -100,6 +109,37 @@ class SparseUpdate(Step):
             r_loss = objective.retain_term(model, batches)
         self._backward = r_loss
         return f_loss.detach() + r_loss.detach()
+
+    def _forward_two_views(self, objective, model, batches: dict) -> torch.Tensor:
+        """``robust_prune_view``: the step's loss is the mean of the model's and its pruned view's. The
+        pruned view's backward runs inside the view (its weights are swapped in for the forward and the
+        backward); the full model's is kept for ``update``. With the null-space step, the forget gradient
+        is the mean of both views' and the retain gradients accumulate, halved, into the usual combine."""
+        ac = self.engine.acc.autocast
+        if not self._split:
+            with ac():
+                full = objective(model, batches)
+            with self._view, ac():
+                pruned = objective(model, batches)
+            with self._view:
+                self.engine.backward(0.5 * pruned)
+            self._backward = 0.5 * full
+            return 0.5 * (full.detach() + pruned.detach())
+        with ac():
+            f_full = objective.forget_term(model, batches)
+        g_full = self.engine.forget_grads(f_full, self.trained)
+        with self._view:
+            with ac():
+                f_p = objective.forget_term(model, batches)
+            g_p = self.engine.forget_grads(f_p, self.trained)
+            with ac():
+                r_p = objective.retain_term(model, batches)
+            self.engine.backward(0.5 * r_p)
+        self.take_forget_grads([0.5 * (a + b) for a, b in zip(g_full, g_p)])
+        with ac():
+            r_full = objective.retain_term(model, batches)
+        self._backward = 0.5 * r_full
+        return 0.5 * (f_full.detach() + f_p.detach() + r_full.detach() + r_p.detach())
 
     def update(self, params: list, clip: float | None) -> None:
         """Backward, (null-space step: projected forget + retain gradient), optimizer step, then every
@@ -210,6 +250,7 @@ class SparseUpdate(Step):
             p.data = weight.to(p.dtype)
             stats["updated_params"] += int((weight != w0).sum())
         self._deployed.clear()
+        self._view = None
         stats.update(moved_by_floor=0, reverted=left, qat=True)
         return stats
 
@@ -233,6 +274,7 @@ class Deployed(torch.nn.Module):
         self.register_buffer("w0", w0.detach().float().clone(), persistent=False)
         self.register_buffer("mask", mask.detach().clone(), persistent=False)
         self.register_buffer("kt", codes(self.w0, fmt), persistent=False)
+        self.keep: torch.Tensor | None = None  # set inside a PrunedView: the weights that view keeps
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         from ..quant import codes, dequantized
@@ -240,8 +282,46 @@ class Deployed(torch.nn.Module):
         with torch.no_grad():
             wf = w.detach().float()
             left = self.mask & (codes(wf, self.fmt) != self.kt)
-            eff = torch.where(left, dequantized(wf, self.fmt), self.w0).to(w.dtype)
+            eff = torch.where(left, dequantized(wf, self.fmt), self.w0)
+            if self.keep is not None:
+                eff = eff * self.keep
+            eff = eff.to(w.dtype)
         return w + (eff - w).detach()
+
+
+class PrunedView:
+    """``robust_prune_view``: inside ``with view:`` every decoder linear weight that magnitude pruning at
+    ``sparsity`` zeroes in the target (``compress.prune.prune_masks``) is zero. The frozen linears swap in a pruned copy made once (their weights never change);
+    the trained ones (``Deployed`` parametrizations) multiply their deployed weight by the kept mask.
+    The masked weights sit above the threshold (``robust_prune_aware``), so the view never prunes them."""
+
+    def __init__(self, model, sparsity: float, deployed: dict):
+        from ..compress.prune import prune_masks
+
+        drop = prune_masks(model, sparsity)  # at the target: the trained weights' parametrizations give w0
+        self._swaps = []
+        self._deployed = []
+        trained = {id(mod): d for mod, _, d in deployed.values()}
+        for n, mod in compressible_linears(model):
+            if id(mod) in trained:
+                self._deployed.append((trained[id(mod)], ~drop[n]))
+            else:
+                w = mod.weight.data
+                self._swaps.append((mod.weight, w, w.masked_fill(drop[n], 0.0)))
+
+    def __enter__(self):
+        for p, _, pruned in self._swaps:
+            p.data = pruned
+        for d, keep in self._deployed:
+            d.keep = keep
+        return self
+
+    def __exit__(self, *exc):
+        for p, full, _ in self._swaps:
+            p.data = full
+        for d, _ in self._deployed:
+            d.keep = None
+        return False
 
 
 def floor_merged_delta(model, w0: dict[str, torch.Tensor], names: list[str], topk: float, formats: list[str],
@@ -296,7 +376,8 @@ def plan_update(model, objective, datasets: dict, settings: dict, robust: bool, 
                                    settings["robust_fisher_exclude"], settings["robust_prune_aware"])
         update = SparseUpdate(model, masks, nullspace=settings["robust_nullspace"] if "retain" in datasets else 0,
                               floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"],
-                              floor_every=settings["robust_floor_every"], qat=settings["robust_qat"])
+                              floor_every=settings["robust_floor_every"], qat=settings["robust_qat"],
+                              prune_view=settings["robust_prune_view"])
     stats["salient"] = salient
     stats["saliency_top"] = sorted(saliency.items(), key=lambda kv: -kv[1])[:10]
     log.info("update plan: %d salient modules, %d weights to update", stats["salient_modules"], stats["updated_params"])
