@@ -46,7 +46,7 @@ class SparseUpdate(Step):
         self.qat = bool(qat)
         if self.qat and len(self.floor) != 1:
             raise UserError(f"robust_qat needs exactly one floor format, got {self.floor}")
-        self._model = model
+        self._model = model if qat else None  # robust_qat registers its parametrizations at start()
         self.prune_view = float(prune_view)
         if self.prune_view and not self.qat:
             raise UserError("robust_prune_view trains through the pruned model's deployed weights: it needs robust_qat")
