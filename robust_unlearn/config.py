@@ -90,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
         "lr": 1.0e-4,
         "steps": 40,               # optimizer steps; None: `epochs` passes over the forget set
         "epochs": 10.0,
+        "min_steps": 0,            # with steps None: at least this many optimizer steps, however few rows the
+                                   # forget set has (30 epochs of one 6-row author are only 30 steps)
         "batch_size": 8,           # forget batch; the retain stream uses the same size
         "gamma": 1.0,              # forget-loss weight
         "alpha": 1.0,              # retain-regularizer weight
@@ -469,6 +471,7 @@ _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "lr": _POSITIVE,
     "steps": _Range(0, whole=True),
     "epochs": _POSITIVE,
+    "min_steps": _Range(0, whole=True),
     "batch_size": _COUNT,
     "gamma": _NONNEG,
     "alpha": _NONNEG,

@@ -160,8 +160,8 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
           primary: str = "train", accelerator: Accelerator | None = None,
           stop: Callable[[torch.nn.Module, int], bool] | None = None, constraint=None,
           state_dir: str | Path | None = None, extra: dict | None = None):
-    """Run ``cfg['epochs']`` passes over ``datasets[primary]`` (or ``cfg['steps']`` optimizer steps
-    when set); the other streams are cycled. ``stop(model, step)``, called every
+    """Run ``cfg['epochs']`` passes over ``datasets[primary]``, at least ``cfg['min_steps']`` optimizer
+    steps (or ``cfg['steps']`` optimizer steps when set); the other streams are cycled. ``stop(model, step)``, called every
     ``cfg['stop_every']`` steps, may end the run early (the scheduler still spans the full length).
 
     ``datasets``: name -> a dataset with a ``collate`` method (see ``data.collate.QADataset``).
@@ -201,7 +201,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
                    collate_fn=ds.collate)
                for name, ds in datasets.items()}
     steps_per_epoch = len(loaders[primary])
-    total = cfg.get("steps") or max(1, math.ceil(cfg["epochs"] * steps_per_epoch))
+    total = cfg.get("steps") or max(1, math.ceil(cfg["epochs"] * steps_per_epoch), cfg.get("min_steps") or 0)
     sched = get_scheduler(cfg.get("schedule", "linear"), opt, num_warmup_steps=int(cfg["warmup_ratio"] * total),
                           num_training_steps=total)
     model, opt, sched, *prepared = acc.prepare(model, opt, sched, *loaders.values())

@@ -179,7 +179,7 @@ class SharedReference:
 SPEC_NEUTRAL = ("gradient_checkpointing",)
 # settings added after checkpoints were cached: at these values (off) they are left out of the key, so
 # every checkpoint trained before them keeps its key
-SPEC_OFF = {"stop_under": [], "robust_qat": False, "robust_prune_view": 0.0}
+SPEC_OFF = {"stop_under": [], "robust_qat": False, "robust_prune_view": 0.0, "min_steps": 0}
 
 
 def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = None):
@@ -311,12 +311,16 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     guard = CollapseGuard.for_run(cfg, bench, tok, settings, model, method)
     stop_at = settings["stop_forget_prob"]
     under = StopUnder(settings.get("stop_under") or [], forget_prob, method)
-    if under.columns:
+    if under.columns or settings.get("robust_qat"):
         from accelerate.state import PartialState
 
-        if PartialState().num_processes > 1:
+        if PartialState().num_processes > 1 and under.columns:
             raise UserError(f"{method}: unlearn.stop_under probes compressed copies of the whole model, which a "
                             f"multi-process run does not hold on one process; run it on one process or set stop_under []")
+        if PartialState().num_processes > 1 and settings.get("robust_qat"):  # not built: parametrizations that
+            # DeepSpeed partitions (ZeRO-3) or wraps are untested
+            raise UserError(f"{method}: robust_qat (and robust_prune_view) run on one process only; run it without "
+                            f"accelerate launch or set unlearn.per_method.{method}.robust_qat false")
 
     def probe(m, step):
         p = forget_prob(m)
@@ -348,7 +352,7 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         if collapse is None:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise TrainingCollapsed(guard.line(method, saved=None))
-        log.warning("%s", guard.line(method, saved=str(out)))
+        trip_line = guard.line(method, saved=str(out))  # logged once the checkpoint is written
     if use_lora and model is not None:  # restored (above) on the adapters, then merged
         from .lora import merge
 
@@ -366,9 +370,11 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
                                            list(settings["robust_floor"]), float(settings["robust_floor_margin"]))
     elif constraint is not None:
         plan["final"] = constraint.finish()  # the floor, on the weights as they will be saved
-    if plan is not None and "final" in plan and guard is not None and not guard.passes(model, len(losses), keep=False):
-        shutil.rmtree(state_dir, ignore_errors=True)  # the floor may collapse it too
-        raise TrainingCollapsed(guard.line(method, saved=None, after="the final floor"))
+    if plan is not None and "final" in plan and guard is not None and \
+            not guard.passes(model, collapse if collapse is not None else len(losses), keep=False):
+        shutil.rmtree(state_dir, ignore_errors=True)  # the floor may collapse it too (a restored state as well)
+        after = "the final floor" if collapse is None else "the final floor of its last good state"
+        raise TrainingCollapsed(guard.line(method, saved=None, after=after))
     saved_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     meta = {"role": "unlearned", "method": method, "spec": spec, "spec_key": key,
             "precision": precision_ran(settings["precision"], state.distributed_type), "precision_setting": settings["precision"],
@@ -395,6 +401,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     for p in model.parameters():
         p.requires_grad_(True)
     save_model(model, tok, out, meta)
+    if collapse is not None:
+        log.warning("%s", trip_line)
     shutil.rmtree(state_dir, ignore_errors=True)
     if state.num_processes > 1:
         state.wait_for_everyone()

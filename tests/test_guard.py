@@ -194,3 +194,29 @@ def test_stop_under_bad_columns_are_one_line_each():
     probs = recipe_problems(cfg)
     assert [p.split(":")[0] for p in probs] == ["unlearn.per_method.Robust_GradDiff.stop_under"] * 2, probs
     assert "'gptq4-g64' cannot be probed" in probs[0] and "unknown compression 'nf9'" in probs[1]
+
+
+def test_a_restored_state_that_the_final_floor_collapses_is_not_saved_nor_claimed(tiny, tmp_path, monkeypatch, caplog):
+    """A run that trips the guard goes back to its last good state; when the final floor collapses that
+    state too, nothing is saved and no line claims that it was."""
+    from robust_unlearn.robust import update
+
+    real = update.SparseUpdate.finish
+
+    def wrecking_finish(self):
+        out = real(self)
+        with torch.no_grad():
+            for p in self.params.values():
+                p.mul_(0.0)
+        return out
+
+    monkeypatch.setattr(update.SparseUpdate, "finish", wrecking_finish)
+    cfg = _cfg(tiny, COLLAPSE + ["unlearn.stop_every=1", "unlearn.per_method.Robust_GradDiff.lr=0.005",
+                                 "unlearn.per_method.Robust_GradDiff.steps=30"])
+    with caplog.at_level("WARNING", logger="robust_unlearn"), pytest.raises(TrainingCollapsed) as exc:
+        unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
+    line = str(exc.value)
+    assert "\n" not in line and "after the final floor of its last good state (step" in line
+    assert line.endswith("nothing was saved")
+    assert not any("saved its last good state" in r.getMessage() for r in caplog.records)
+    assert not any(p.name.startswith("Robust_GradDiff") for p in tmp_path.iterdir())

@@ -197,6 +197,23 @@ def test_qat_trains_through_the_deployed_grid_and_saves_it_exactly(setup):
     assert 0 < n_changed == meta["plan"]["final"]["updated_params"]
 
 
+@pytest.mark.parametrize("option", ["robust_qat=true", "stop_under=[nf4]"])
+def test_one_process_options_refuse_a_multi_process_launch_in_one_line(setup, monkeypatch, option):
+    from accelerate.state import PartialState
+
+    from robust_unlearn.errors import UserError
+
+    cfg, bench, target, key, ref, out = setup
+    cfg2 = load_recipe(None, TINY + ROBUST + ["unlearn.robust_floor=[nf4]", f"unlearn.per_method.Robust_GradDiff.{option}",
+                                              f"cache_dir={cfg['cache_dir']}"])
+    PartialState()  # initialized before its property is patched
+    monkeypatch.setattr(PartialState, "num_processes", property(lambda self: 2), raising=False)
+    with pytest.raises(UserError) as exc:
+        unlearn(cfg2, bench, target, key, "Robust_GradDiff", out / "two", ref)
+    assert "\n" not in str(exc.value) and "one process" in str(exc.value) and option.split("=")[0] in str(exc.value)
+    assert not (out / "two").exists() or not any((out / "two").iterdir())
+
+
 def test_qat_is_off_in_the_spec_of_earlier_checkpoints(setup):
     cfg, *_ = setup
     from robust_unlearn.unlearn import SPEC_OFF

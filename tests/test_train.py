@@ -55,6 +55,21 @@ def test_finetune_lowers_loss(tiny):
     assert math.fsum(losses[-3:]) / 3 < 0.7 * math.fsum(losses[:3]) / 3
 
 
+def test_min_steps_lengthens_a_short_epoch_budget_only(tiny):
+    cfg, bench, model, tok = tiny
+    ds = QADataset(bench["train_target"], QAFormatter(tok, prompt="qa"))
+    n = math.ceil(len(bench["train_target"]) / 4)  # batches in one epoch
+    ft = dict(cfg["finetune"], lr=1e-5, epochs=1, batch_size=4, steps=None)
+
+    def steps(**kw):
+        return len(train(model, get_objective("nll"), {"train": ds}, dict(ft, **kw))[1])
+
+    assert steps(min_steps=0) == n
+    assert steps(min_steps=n + 2) == n + 2
+    assert steps(epochs=2, min_steps=n + 2) == 2 * n
+    assert steps(steps=2, min_steps=n + 2) == 2
+
+
 def test_nan_loss_stops_and_saves_nothing(tiny, cache_dir, monkeypatch):
     cfg, bench, _, _ = tiny
     cfg = dict(cfg, cache_dir=str(cache_dir / "nan"))
