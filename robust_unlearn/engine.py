@@ -16,6 +16,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 
+def zero_stage() -> int:
+    """The DeepSpeed ZeRO stage this process trains under, from accelerate's state (0 without one). Read
+    it once an ``Accelerator`` exists: an ``AcceleratorState`` made before it would lack the plugin."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized():
+        return 0
+    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
+    return int(plugin.zero_stage or 0) if plugin is not None else 0
+
+
 class _Plain:
     """Whole gradients and weights of a model outside any engine (plain torch, DDP): ``p.grad``, ``p.data``."""
 

@@ -109,13 +109,10 @@ def _peak_rss_mib() -> float:
 
 
 def zero3_active() -> bool:
-    """Whether this process trains under DeepSpeed ZeRO-3 (from accelerate's state; False without one)."""
-    from accelerate.state import AcceleratorState, is_initialized
+    """Whether this process trains under DeepSpeed ZeRO-3."""
+    from .engine import zero_stage
 
-    if not is_initialized():
-        return False
-    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
-    return plugin is not None and int(plugin.zero_stage or 0) == 3
+    return zero_stage() == 3
 
 
 def reference_bytes(model) -> tuple[int, int]:
@@ -311,16 +308,12 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     guard = CollapseGuard.for_run(cfg, bench, tok, settings, model, method)
     stop_at = settings["stop_forget_prob"]
     under = StopUnder(settings.get("stop_under") or [], forget_prob, method)
-    if under.columns or settings.get("robust_qat"):
+    if under.columns:
         from accelerate.state import PartialState
 
-        if PartialState().num_processes > 1 and under.columns:
+        if PartialState().num_processes > 1:
             raise UserError(f"{method}: unlearn.stop_under probes compressed copies of the whole model, which a "
                             f"multi-process run does not hold on one process; run it on one process or set stop_under []")
-        if PartialState().num_processes > 1 and settings.get("robust_qat"):  # not built: parametrizations that
-            # DeepSpeed partitions (ZeRO-3) or wraps are untested
-            raise UserError(f"{method}: robust_qat (and robust_prune_view) run on one process only; run it without "
-                            f"accelerate launch or set unlearn.per_method.{method}.robust_qat false")
 
     def probe(m, step):
         p = forget_prob(m)
