@@ -22,6 +22,8 @@ def test_overrides_are_typed():
     (["finetune.epochs=many"], "must be a number"),
     (["finetune.precision=fp8"], "finetune.precision"),
     (["nokey"], "dotted.key=value"),
+    (["unlearn.min_steps=-1"], "unlearn.min_steps -1 must be a whole number >= 0"),
+    (["unlearn.per_method.Robust_GradDiff.min_steps=2.5"], "min_steps 2.5 must be a whole number >= 0"),
 ])
 def test_bad_recipe_values(over, msg):
     with pytest.raises(UserError, match=msg):
