@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("target")
     ap.add_argument("--columns", default="nf4,prune30")
     ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()  # the documented order: CKPT TARGET --columns ... key=value ...
     cfg = load_recipe(None, a.overrides)
     bench = load_benchmark(cfg)
     model, tok = load_model(a.ckpt)
@@ -48,20 +48,18 @@ def main() -> None:
         qw = {n: lin.weight.detach().clone() for n, lin in compressible_linears(q)}
 
         def part(take) -> float:
-            """The checkpoint with the compressed value wherever ``take(name) -> bool mask`` is True."""
+            """The checkpoint with the compressed value wherever ``take(name)`` (a bool or a bool mask) is True."""
             m = copy.deepcopy(model)
             for n, lin in compressible_linears(m):
-                sel = take(n)
+                sel = torch.as_tensor(take(n))
                 lin.weight.data = torch.where(sel, qw[n].float(), mw[n]).to(lin.weight.dtype)
             return probe(m)
 
-        ones = lambda n: torch.ones_like(updated[n])  # noqa: E731
-        zeros = lambda n: torch.zeros_like(updated[n])  # noqa: E731
         cells = [probe(q),
-                 part(lambda n: ones(n) if n in changed else zeros(n)),
-                 part(lambda n: zeros(n) if n in changed else ones(n)),
+                 part(lambda n: n in changed),
+                 part(lambda n: n not in changed),
                  part(lambda n: updated[n]),
-                 part(lambda n: ~updated[n] if n in changed else zeros(n))]
+                 part(lambda n: ~updated[n] if n in changed else False)]
         print(f"| {col} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
 
 

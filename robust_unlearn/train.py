@@ -161,8 +161,9 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
           stop: Callable[[torch.nn.Module, int], bool] | None = None, constraint=None,
           state_dir: str | Path | None = None, extra: dict | None = None):
     """Run ``cfg['epochs']`` passes over ``datasets[primary]``, at least ``cfg['min_steps']`` optimizer
-    steps (or ``cfg['steps']`` optimizer steps when set); the other streams are cycled. ``stop(model, step)``, called every
-    ``cfg['stop_every']`` steps, may end the run early (the scheduler still spans the full length).
+    steps (or ``cfg['steps']`` optimizer steps when set); the other streams are cycled.
+    ``stop(model, step)``, called every ``cfg['stop_every']`` steps, may end the run early (the scheduler
+    still spans the full length).
 
     ``datasets``: name -> a dataset with a ``collate`` method (see ``data.collate.QADataset``).
     ``cfg``: lr, batch_size (global), epochs, weight_decay, warmup_ratio, schedule (a transformers

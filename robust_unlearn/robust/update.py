@@ -81,11 +81,12 @@ class SparseUpdate(Step):
 
             from ..engine import zero_stage
 
-            if PartialState().num_processes > 1 and zero_stage() != 2:
+            several = PartialState().num_processes > 1
+            if several and zero_stage() != 2:
                 # its parametrizations read whole weights: ZeRO-3 partitions them; other launches are untested
                 raise UserError("robust_qat runs on one process or under DeepSpeed ZeRO-2 "
                                 "(recipes/accelerate/zero2.yaml); use one of them or set robust_qat false")
-            if PartialState().num_processes > 1 and self.prune_view:
+            if several and self.prune_view:
                 # two backward passes per step: ZeRO-2 (measured) keeps one of them, not their sum
                 raise UserError("robust_prune_view runs on one process only (its two backward passes per step are "
                                 "not summed by a DeepSpeed engine); run it without accelerate launch or set "
