@@ -3,6 +3,8 @@
 # kernel's bandwidth against a device copy, and `robust-unlearn plan` against measured peaks of one
 # unlearning step on the shapes of Llama-3.2-1B and Llama-3.1-8B (random weights: nothing is downloaded).
 #   OUT=DIR bash evals/gpu_check.sh          (python3 with torch, triton, transformers and peft)
+# The floor bench times every launch setting in BLOCKS x WARPS x PARTIAL (default: the kernel's own, plus
+# the alternatives below); PLAN=0 skips the plan check.
 set -uo pipefail
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
@@ -19,9 +21,11 @@ $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version
 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 for f in $FORMATS; do
   for s in 4096x4096 8192x8192; do
-    $PY evals/floor_bench.py --shape "$s" --dtype bf16 --formats "$f" 2>&1 | tee -a "$OUT/floor_bench.txt"
+    $PY evals/floor_bench.py --shape "$s" --dtype bf16 --formats "$f" --block-sizes "${BLOCKS:-1024,2048,4096}" \
+      --warps "${WARPS:-4,8}" --partial "${PARTIAL:-0,1}" 2>&1 | tee -a "$OUT/floor_bench.txt"
   done
 done
+[ "${PLAN:-1}" = 0 ] && exit 0
 timeout "${PLAN_1B_S:-200}" $PY evals/plan_check.py --model-config evals/configs/llama-3.2-1b.json --rows 4 \
   --length 256 --json "$OUT/plan_1b.json" 2>&1 | tee "$OUT/plan_1b.txt"
 # fp32 full fine-tuning of 8B (16 bytes per parameter, 128 GB) does not fit one GPU: bf16, SURE, LoRA only

@@ -14,7 +14,9 @@ branch-free binary search over the thresholds; int8 / rtn: round half to even bu
 whether the current value is still in that bin (4-bit: ``lo < x <= hi`` against the bin's two
 thresholds, no second search), the revert condition and the placement; then the strictest placement
 over formats, one store in the input dtype, and a post-check of the stored value under the same
-scales. Three counters (moved, reverted, still in the target's bin) are added atomically per program.
+scales. Three counters (moved, reverted, still in the target's bin) are added atomically per program,
+or (``PARTIAL``) written per program and summed after the pass, which spares every program an atomic
+on the same three addresses.
 
 Formats are compile-time tuples: ``KINDS`` (0 bitsandbytes 4-bit table, 1 LLM.int8, 2 rtn),
 ``GROUPS`` (64 for the flattened 4-bit blocks, G for rtn groups, 0 = whole row), ``TOPS`` / ``BOTS``
@@ -36,6 +38,7 @@ IN_FP32, IN_BF16, IN_FP16 = 0, 1, 2
 _IN_KIND = {torch.float32: IN_FP32, torch.bfloat16: IN_BF16, torch.float16: IN_FP16}
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
+PARTIAL = True  # measured on an H200: per-program counters beat the atomics at every size (evals/README.md)
 
 
 @triton.jit
@@ -131,7 +134,8 @@ def _same_bin(d, mult, kt, lo, hi, KIND: tl.constexpr):
 def quant_floor_kernel(wt_ptr, wc_ptr, mask_ptr, out_ptr, stats_ptr, tab_ptr, desc_ptr, cnt_ptr, n, margin,
                        KINDS: tl.constexpr, GROUPS: tl.constexpr, TOPS: tl.constexpr,
                        BOTS: tl.constexpr, UFACS: tl.constexpr, IN_KIND: tl.constexpr, MANT: tl.constexpr,
-                       MINE: tl.constexpr, ULPS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                       MINE: tl.constexpr, ULPS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       PARTIAL: tl.constexpr = False):
     # the tile is [BLOCK_SIZE // 64, 64]: one row = one bitsandbytes block, so a 4-bit format loads one
     # scale per row instead of one per element
     NB: tl.constexpr = BLOCK_SIZE // 64
@@ -233,9 +237,14 @@ def quant_floor_kernel(wt_ptr, wc_ptr, mask_ptr, out_ptr, stats_ptr, tab_ptr, de
                 lo = mc
                 hi = mc
             still = still | (kept & _same_bin(_domain(vr, KINDS[f]), mc, kt, lo, hi, KINDS[f]))
-    tl.atomic_add(cnt_ptr + 0, tl.sum(moved.to(tl.int32)))
-    tl.atomic_add(cnt_ptr + 1, tl.sum(rev.to(tl.int32)))
-    tl.atomic_add(cnt_ptr + 2, tl.sum(still.to(tl.int32)))
+    if PARTIAL:  # one row of three counters per program, summed after the pass (no same-address atomics)
+        tl.store(cnt_ptr + 3 * pid + 0, tl.sum(moved.to(tl.int32)))
+        tl.store(cnt_ptr + 3 * pid + 1, tl.sum(rev.to(tl.int32)))
+        tl.store(cnt_ptr + 3 * pid + 2, tl.sum(still.to(tl.int32)))
+    else:
+        tl.atomic_add(cnt_ptr + 0, tl.sum(moved.to(tl.int32)))
+        tl.atomic_add(cnt_ptr + 1, tl.sum(rev.to(tl.int32)))
+        tl.atomic_add(cnt_ptr + 2, tl.sum(still.to(tl.int32)))
 
 
 def _raw(w: torch.Tensor) -> torch.Tensor:
@@ -245,33 +254,36 @@ def _raw(w: torch.Tensor) -> torch.Tensor:
 def launch_floor_pass(w_target: torch.Tensor, w_current: torch.Tensor, mask: torch.Tensor, stats: torch.Tensor,
                       tables: torch.Tensor, desc: torch.Tensor, *, margin: float, KINDS, GROUPS, TOPS, BOTS,
                       UFACS, MANT: int, MINE: int, ULPS: int, block_size: int = BLOCK_SIZE,
-                      num_warps: int = NUM_WARPS, out: torch.Tensor | None = None, counts: torch.Tensor | None = None,
-                      sync: bool = True):
+                      num_warps: int = NUM_WARPS, partial: bool = PARTIAL, out: torch.Tensor | None = None,
+                      counts: torch.Tensor | None = None, sync: bool = True):
     """One pass of the floor kernel -> (new tensor in ``w_current``'s dtype, [moved, reverted, still failing]).
 
     ``w_target`` and ``w_current``: same shape and dtype (fp32 / bf16 / fp16), contiguous, on one device;
     ``mask``: bool of that shape; ``stats``, ``tables``, ``desc``, and the compile-time format tuples as
     built by ``robust_unlearn.robust.floor._Plan`` (``kernel_args`` / ``constexprs``). ``out`` /
-    ``counts`` may be given to reuse buffers (the counters are zeroed here). ``sync=False`` returns the
-    counters as a device tensor (no host synchronisation, for timing)."""
+    ``counts`` may be given to reuse buffers (the counters are zeroed here; with ``partial``, a buffer of
+    3 per program). ``sync=False`` returns the counters as a device tensor (no host synchronisation, for
+    timing)."""
     if w_current.dtype not in _IN_KIND or w_target.dtype != w_current.dtype or w_target.shape != w_current.shape:
         raise ValueError(f"floor kernel: target {w_target.dtype} {tuple(w_target.shape)} vs current "
                          f"{w_current.dtype} {tuple(w_current.shape)}")
     if block_size % 64 or block_size < 64:
         raise ValueError(f"floor kernel: block_size {block_size} must be a multiple of 64")
     n = w_current.numel()
+    grid = (triton.cdiv(n, block_size),)
     if out is None:
         out = torch.empty_like(w_current)
-    if counts is None:
-        counts = torch.zeros(3, dtype=torch.int32, device=w_current.device)
+    size = 3 * grid[0] if partial else 3
+    if counts is None or counts.numel() != size:
+        counts = torch.zeros(size, dtype=torch.int32, device=w_current.device)
     else:
         counts.zero_()
     if n:
-        grid = (triton.cdiv(n, block_size),)
         quant_floor_kernel[grid](
             _raw(w_target.contiguous()), _raw(w_current.contiguous()), mask.contiguous().view(torch.uint8), _raw(out),
             stats, tables.contiguous(), desc, counts, n, float(margin),
             KINDS=tuple(KINDS), GROUPS=tuple(GROUPS), TOPS=tuple(TOPS),
             BOTS=tuple(BOTS), UFACS=tuple(UFACS), IN_KIND=_IN_KIND[w_current.dtype], MANT=MANT, MINE=MINE,
-            ULPS=ULPS, BLOCK_SIZE=block_size, num_warps=num_warps, enable_fp_fusion=False)
-    return out, ([int(c) for c in counts.tolist()] if sync else counts)
+            ULPS=ULPS, BLOCK_SIZE=block_size, PARTIAL=bool(partial), num_warps=num_warps, enable_fp_fusion=False)
+    total = counts.view(-1, 3).sum(0) if partial else counts
+    return out, ([int(c) for c in total.tolist()] if sync else total)

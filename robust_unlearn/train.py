@@ -188,6 +188,8 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
         _configure_deepspeed(acc, cfg)
     if cfg["precision"] == "bf16" and not deepspeed:
         model.to(torch.bfloat16)
+    if not deepspeed:  # on the accelerator before the step protocol records masks and target values there
+        model.to(acc.device)
     model.train()
     checkpointing = bool(cfg.get("gradient_checkpointing"))
     if checkpointing:

@@ -163,9 +163,10 @@ class SharedReference:
         if not self._orig:
             return self._model(*args, **kwargs)
         params = dict(self._model.named_parameters())
-        for n, t in self._orig.items():  # follow the model's dtype (a bf16 run casts it after freeze)
-            if t.dtype != params[n].dtype:
-                self._orig[n] = t.to(params[n].dtype)
+        for n, t in self._orig.items():  # follow the model: a bf16 run casts it, and the training loop's
+            p = params[n]               # prepare moves it to the accelerator, after freeze
+            if t.dtype != p.dtype or t.device != p.device:
+                self._orig[n] = t.to(device=p.device, dtype=p.dtype)
         return torch.func.functional_call(self._model, self._orig, args, kwargs, strict=False)
 
     def __getattr__(self, name):

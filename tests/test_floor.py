@@ -90,6 +90,23 @@ def test_kernel_pass_matches_reference(dtype, formats):
 
 
 @kernel_test
+def test_kernel_counter_modes_and_block_sizes_agree():
+    """Per-program counters (the default) and the atomic ones, at two tile sizes: same weights, same counts."""
+    from robust_unlearn.kernels.quant_floor import launch_floor_pass
+
+    wt, wc, mask = case((37, 150), torch.bfloat16, seed=5, step=3e-3)
+    plan, wt, wc, mask = F._prepare(wt, wc, mask, ["nf4", "int8"], F.DEFAULT_MARGIN, F.MIN_ULPS)
+    st_t = plan.stats(wt)
+    st_c = plan.current_stats(torch.where(mask, wc, wt), wt, mask, plan.target_codes(wt))
+    stats, desc = plan.kernel_args(st_t, st_c)
+    ref, ref_counts = F._pass_torch(plan, wt, wc, mask, st_t, st_c)
+    for block, partial in ((1024, True), (1024, False), (2048, True)):
+        out, counts = launch_floor_pass(wt, wc, mask, stats, plan.tables, desc, margin=plan.margin,
+                                        block_size=block, partial=partial, **plan.constexprs())
+        assert torch.equal(bits(out), bits(ref)) and counts == ref_counts and counts[0] > 0, (block, partial)
+
+
+@kernel_test
 def test_kernel_whole_floor_matches_torch_backend():
     wt, wc, mask = case((37, 150), torch.bfloat16, seed=3, step=3e-3)
     a = F.apply_floor(wt, wc, mask, formats=("nf4", "int8", "rtn4-g128"), backend="triton")
@@ -126,7 +143,7 @@ from robust_unlearn.kernels.quant_floor import quant_floor_kernel
 from robust_unlearn.robust.floor import _Plan
 for dtype, ptr, formats in ((torch.bfloat16, "*i16", ["nf4"]), (torch.float32, "*fp32", ["nf4", "int8", "rtn4-g128"])):
     plan = _Plan(formats, 0.2, 2, (37, 150), dtype, "cpu")
-    ce = dict(plan.constexprs(), IN_KIND=0 if dtype == torch.float32 else 1, BLOCK_SIZE=1024)
+    ce = dict(plan.constexprs(), IN_KIND=0 if dtype == torch.float32 else 1, BLOCK_SIZE=1024, PARTIAL=True)
     sig = dict(wt_ptr=ptr, wc_ptr=ptr, mask_ptr="*u8", out_ptr=ptr, stats_ptr="*fp32", tab_ptr="*fp32",
                desc_ptr="*i32", cnt_ptr="*i32", n="i32", margin="fp32", **{k: "constexpr" for k in ce})
     k = triton.compile(ASTSource(fn=quant_floor_kernel, signature=sig, constexprs=ce),

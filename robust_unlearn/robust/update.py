@@ -71,6 +71,7 @@ class SparseUpdate(Step):
 
     def start(self) -> None:
         """Record the target values (in the dtype training runs in) and mask the gradients by hooks."""
+        self.masks = {n: self.masks[n].to(p.device) for n, p in self.params.items()}  # the model may have moved
         self.w0 = {n: p.detach().clone() for n, p in self.params.items()}
         self.engine = PLAIN
         if not self._hooks:
