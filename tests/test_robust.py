@@ -222,8 +222,9 @@ def test_qat_is_off_in_the_spec_of_earlier_checkpoints(setup):
 
 
 def test_prune_view_trains_through_the_pruned_model_and_restores_it(setup):
-    """``robust_prune_view`` (with ``robust_qat``): inside the view the model is the target-threshold pruned
-    one (frozen linears swapped, trained ones masked in their parametrization); outside, untouched."""
+    """``robust_prune_view`` (with ``robust_qat``): through the view the model is the target-threshold pruned
+    one (frozen linears' pruned copies, trained ones masked in their parametrization); the model itself is
+    untouched, and one backward through both graphs gives the sum of the two passes' gradients."""
     from robust_unlearn.compress.prune import magnitude_prune
     from robust_unlearn.robust.update import PrunedView
 
@@ -232,11 +233,20 @@ def test_prune_view_trains_through_the_pruned_model_and_restores_it(setup):
     pruned = magnitude_prune(load_model(str(target))[0], 0.3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     view = PrunedView(model, 0.3, {})
-    with view:
-        inside = {n: p.detach().clone() for n, p in model.named_parameters()}
-    want = dict(pruned.named_parameters())
-    assert all(torch.equal(inside[n], want[n].detach()) for n in inside)  # = compress.prune at the target
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(view.of(model)(input_ids=ids).logits, pruned(input_ids=ids).logits)  # = compress.prune
+        assert not torch.equal(model(input_ids=ids).logits, pruned(input_ids=ids).logits)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    head = model.lm_head.weight  # trained here; not a decoder linear, so the view leaves it as it is
+    head.requires_grad_(True)
+    (model(input_ids=ids).logits.sum() + view.of(model)(input_ids=ids).logits.sum()).backward()
+    one = head.grad.clone()
+    head.grad = None
+    model(input_ids=ids).logits.sum().backward()
+    pruned.lm_head.weight.requires_grad_(True)
+    pruned(input_ids=ids).logits.sum().backward()
+    assert torch.allclose(one, head.grad + pruned.lm_head.weight.grad, atol=1e-5)
     cfg2 = load_recipe(None, TINY + ROBUST + ["unlearn.robust_floor=[nf4]", "unlearn.per_method.Robust_GradDiff.robust_qat=true",
                                               "unlearn.per_method.Robust_GradDiff.robust_prune_view=0.3",
                                               f"cache_dir={cfg['cache_dir']}"])

@@ -82,16 +82,10 @@ class SparseUpdate(Step):
 
             from ..engine import zero_stage
 
-            several = PartialState().num_processes > 1
-            if several and zero_stage() != 2:
-                # its parametrizations read whole weights: ZeRO-3 partitions them; other launches are untested
-                raise UserError("robust_qat runs on one process or under DeepSpeed ZeRO-2 "
-                                "(recipes/accelerate/zero2.yaml); use one of them or set robust_qat false")
-            if several and self.prune_view:
-                # two backward passes per step: ZeRO-2 (measured) keeps one of them, not their sum
-                raise UserError("robust_prune_view runs on one process only (its two backward passes per step are "
-                                "not summed by a DeepSpeed engine); run it without accelerate launch or set "
-                                "robust_prune_view 0")
+            if PartialState().num_processes > 1 and zero_stage() == 3:
+                # its parametrizations read whole weights, which ZeRO-3 partitions (DDP and ZeRO-2: tested)
+                raise UserError("robust_qat runs on one process, under DDP or under DeepSpeed ZeRO-2 "
+                                "(recipes/accelerate/zero2.yaml), not ZeRO-3; use one of them or set robust_qat false")
 
             mods = dict(self._model.named_modules())
             for n in self.params:
@@ -126,34 +120,30 @@ class SparseUpdate(Step):
         return f_loss.detach() + r_loss.detach()
 
     def _forward_two_views(self, objective, model, batches: dict) -> torch.Tensor:
-        """``robust_prune_view``: the step's loss is the mean of the model's and its pruned view's. The
-        pruned view's backward runs inside the view (its weights are swapped in for the forward and the
-        backward); the full model's is kept for ``update``. With the null-space step, the forget gradient
-        is the mean of both views' and the retain gradients accumulate, halved, into the usual combine."""
+        """``robust_prune_view``: the step's loss is the mean of the model's and its pruned view's. Both
+        forwards build one graph (the view's pruned copies are tensors of their own, not swapped weights),
+        so one backward sums the two views' gradients: under DDP and DeepSpeed ZeRO-2 as on one process.
+        With the null-space step, the forget gradient is the mean of both views' and the retain term is
+        the mean of both views' retain terms, back-propagated in ``update``."""
         ac = self.engine.acc.autocast
+        view = self._view.of(model)
         if not self._split:
             with ac():
                 full = objective(model, batches)
-            with self._view, ac():
-                pruned = objective(model, batches)
-            with self._view:
-                self.engine.backward(0.5 * pruned)
-            self._backward = 0.5 * full
+                pruned = objective(view, batches)
+            self._backward = 0.5 * (full + pruned)
             return 0.5 * (full.detach() + pruned.detach())
         with ac():
             f_full = objective.forget_term(model, batches)
         g_full = self.engine.forget_grads(f_full, self.trained)
-        with self._view:
-            with ac():
-                f_p = objective.forget_term(model, batches)
-            g_p = self.engine.forget_grads(f_p, self.trained)
-            with ac():
-                r_p = objective.retain_term(model, batches)
-            self.engine.backward(0.5 * r_p)
+        with ac():
+            f_p = objective.forget_term(view, batches)
+        g_p = self.engine.forget_grads(f_p, self.trained)
         self.take_forget_grads([0.5 * (a + b) for a, b in zip(g_full, g_p)])
         with ac():
             r_full = objective.retain_term(model, batches)
-        self._backward = 0.5 * r_full
+            r_p = objective.retain_term(view, batches)
+        self._backward = 0.5 * (r_full + r_p)
         return 0.5 * (f_full.detach() + f_p.detach() + r_full.detach() + r_p.detach())
 
     def update(self, params: list, clip: float | None) -> None:
@@ -305,38 +295,58 @@ class Deployed(torch.nn.Module):
 
 
 class PrunedView:
-    """``robust_prune_view``: inside ``with view:`` every decoder linear weight that magnitude pruning at
-    ``sparsity`` zeroes in the target (``compress.prune.prune_masks``) is zero. The frozen linears swap in a pruned copy made once (their weights never change);
-    the trained ones (``Deployed`` parametrizations) multiply their deployed weight by the kept mask.
-    The masked weights sit above the threshold (``robust_prune_aware``), so the view never prunes them."""
+    """``robust_prune_view``: ``view.of(model)`` is ``model`` with every decoder linear weight that
+    magnitude pruning at ``sparsity`` zeroes in the target (``compress.prune.prune_masks``) at zero. The
+    frozen linears get a pruned copy made once (their weights never change), passed to
+    ``torch.func.functional_call``, so a graph through the view holds its own tensors and one backward
+    can follow it and the full model's together; the trained ones (``Deployed`` parametrizations)
+    multiply their deployed weight by the kept mask during the view's forward. The masked weights sit
+    above the threshold (``robust_prune_aware``), so the view never prunes them."""
 
     def __init__(self, model, sparsity: float, deployed: dict):
         from ..compress.prune import prune_masks
 
         drop = prune_masks(model, sparsity)  # at the target: the trained weights' parametrizations give w0
-        self._swaps = []
+        self._pruned: dict[int, torch.Tensor] = {}  # id(frozen weight) -> its pruned copy
         self._deployed = []
         trained = {id(mod): d for mod, _, d in deployed.values()}
         for n, mod in compressible_linears(model):
             if id(mod) in trained:
                 self._deployed.append((trained[id(mod)], ~drop[n]))
             else:
-                w = mod.weight.data
-                self._swaps.append((mod.weight, w, w.masked_fill(drop[n], 0.0)))
+                w = mod.weight
+                self._pruned[id(w)] = w.detach().masked_fill(drop[n], 0.0)
+        self._of: dict[int, _Viewed] = {}
 
-    def __enter__(self):
-        for p, _, pruned in self._swaps:
-            p.data = pruned
+    def of(self, model) -> "_Viewed":
+        """``model`` (or the DDP / DeepSpeed engine around it) seen through the view, for objectives: its
+        parameter names map to the pruned copies, on each weight's device and in its dtype."""
+        key = id(model)
+        if key not in self._of:
+            named = {n: self._pruned[id(p)].to(device=p.device, dtype=p.dtype)
+                     for n, p in model.named_parameters() if id(p) in self._pruned}
+            keep = [(d, k.to(d.w0.device)) for d, k in self._deployed]
+            self._of[key] = _Viewed(model, named, keep)
+        return self._of[key]
+
+
+class _Viewed:
+    """A model called through a ``PrunedView``; every other attribute is the model's."""
+
+    def __init__(self, model, pruned: dict, deployed: list):
+        self._model, self._pruned, self._deployed = model, pruned, deployed
+
+    def __call__(self, *args, **kwargs):
         for d, keep in self._deployed:
             d.keep = keep
-        return self
+        try:
+            return torch.func.functional_call(self._model, self._pruned, args, kwargs, strict=False)
+        finally:
+            for d, _ in self._deployed:
+                d.keep = None
 
-    def __exit__(self, *exc):
-        for p, full, _ in self._swaps:
-            p.data = full
-        for d, _ in self._deployed:
-            d.keep = None
-        return False
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def floor_merged_delta(model, w0: dict[str, torch.Tensor], names: list[str], topk: float, formats: list[str],
