@@ -199,8 +199,11 @@ def test_qat_trains_through_the_deployed_grid_and_saves_it_exactly(setup):
 
 @pytest.mark.parametrize("option", ["robust_qat=true", "stop_under=[nf4]"])
 def test_one_process_options_refuse_a_multi_process_launch_in_one_line(setup, monkeypatch, option):
+    """``stop_under`` on any multi-process launch, ``robust_qat`` under ZeRO-3 (DDP and ZeRO-2 run it:
+    tests/test_distributed.py) stop before training in one line."""
     from accelerate.state import PartialState
 
+    from robust_unlearn import engine
     from robust_unlearn.errors import UserError
 
     cfg, bench, target, key, ref, out = setup
@@ -208,6 +211,8 @@ def test_one_process_options_refuse_a_multi_process_launch_in_one_line(setup, mo
                                               f"cache_dir={cfg['cache_dir']}"])
     PartialState()  # initialized before its property is patched
     monkeypatch.setattr(PartialState, "num_processes", property(lambda self: 2), raising=False)
+    if option.startswith("robust_qat"):
+        monkeypatch.setattr(engine, "zero_stage", lambda: 3)
     with pytest.raises(UserError) as exc:
         unlearn(cfg2, bench, target, key, "Robust_GradDiff", out / "two", ref)
     assert "\n" not in str(exc.value) and "one process" in str(exc.value) and option.split("=")[0] in str(exc.value)
