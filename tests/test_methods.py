@@ -96,6 +96,31 @@ def test_shared_reference_gives_the_full_copy_weights(setup, method):
     assert all(torch.equal(sd[True][k], sd[False][k]) for k in sd[True])
 
 
+def test_shared_reference_and_sparse_masks_follow_the_model_to_its_device(setup):
+    """The loop moves the model to the accelerator after the shared reference froze its copies and the
+    step rule made its masks; on an H200 both stayed on the CPU (`mat2 is on cpu`). The only other
+    device here is ``meta`` (shapes only): the reference's copies and the step rule's masks follow the
+    weights there."""
+    from robust_unlearn.robust.update import SparseUpdate
+    from robust_unlearn.unlearn import SharedReference
+
+    cfg, bench, target, *_ = setup
+    model, _ = load_model(str(target))
+    name, w = next((n, p) for n, p in model.named_parameters() if n.endswith("mlp.down_proj.weight"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    w.requires_grad_(True)
+    step = SparseUpdate(model, {name: torch.ones_like(w, dtype=torch.bool)})
+    step.params[name] = torch.nn.Parameter(w.detach().to("meta"))  # the weight, since moved
+    step.start()
+    assert step.masks[name].device.type == "meta" and step.w0[name].device.type == "meta"
+    shared = SharedReference(model, fallback=None)
+    assert shared.freeze() == w.numel()
+    model.to("meta")
+    shared(input_ids=torch.tensor([[1, 2, 3]], device="meta"))
+    assert shared._orig[name].device.type == "meta"
+
+
 def test_precision_is_recorded_and_bf16_saves_bf16(setup):
     cfg, bench, target, key, ref, out = setup
     cfg2 = load_recipe(None, TINY + ["unlearn.steps=2", "unlearn.precision=bf16", f"cache_dir={cfg['cache_dir']}"])
