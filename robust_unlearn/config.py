@@ -148,6 +148,9 @@ DEFAULTS: dict[str, Any] = {
                                    # the saved update is exactly those weights, on their codes' values
         "robust_prune_view": 0.0,  # with robust_qat: each step's loss is also taken through the model pruned at
                                    # this sparsity (the target's magnitude threshold), the two averaged (0: off)
+        "robust_relearn_view": 0.0,  # with robust_qat: the forget term is also taken where one simulated relearning
+                                   # step of this size (sign of the retain NLL's gradient, every decoder linear)
+                                   # moves the weights, and the views' forget gradients averaged (0: off)
         "robust_floor_every": 0,   # also floor every this many steps, training on from there (0: at the end only)
         "per_method": {            # method -> {key: value} overriding the keys above for that method
             "GradDiff": {"lr": 1.5e-4, "stop_forget_prob": 0.12},
@@ -499,6 +502,7 @@ _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "robust_prune_aware": _FRACTION,
     "robust_floor_margin": _Range(0, 0.5, open_lo=True, open_hi=True),
     "robust_prune_view": _Range(0, 1, open_hi=True),
+    "robust_relearn_view": _Range(0),
     "robust_floor_every": _Range(0, whole=True),
 }
 
@@ -604,9 +608,10 @@ def recipe_problems(cfg: dict) -> list[str]:
             if fl is not None and (len({f.key for f in fl}) != 1 or fl[0].kind == KIND_INT8):
                 out.append(f"{where}.robust_qat needs exactly one nf4 / fp4 / rtn format in robust_floor "
                            f"(got {list(st['robust_floor'])}): the forward uses one grid's code values")
-        if st.get("robust_prune_view") and not st.get("robust_qat"):
-            out.append(f"{where}.robust_prune_view {st['robust_prune_view']} needs robust_qat true (it trains through "
-                       f"the pruned model's deployed weights)")
+        for view in ("robust_prune_view", "robust_relearn_view"):
+            if st.get(view) and not st.get("robust_qat"):
+                out.append(f"{where}.{view} {st[view]} needs robust_qat true (it trains through the "
+                           f"{'pruned' if view == 'robust_prune_view' else 'relearned'} model's deployed weights)")
         if "rmu_params" in keys:
             try:
                 re.compile(st["rmu_params"])

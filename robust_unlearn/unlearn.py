@@ -177,7 +177,7 @@ class SharedReference:
 SPEC_NEUTRAL = ("gradient_checkpointing",)
 # settings added after checkpoints were cached: at these values (off) they are left out of the key, so
 # every checkpoint trained before them keeps its key
-SPEC_OFF = {"stop_under": [], "robust_qat": False, "robust_prune_view": 0.0, "min_steps": 0}
+SPEC_OFF = {"stop_under": [], "robust_qat": False, "robust_prune_view": 0.0, "min_steps": 0, "robust_relearn_view": 0.0}
 
 
 def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = None):

@@ -219,6 +219,48 @@ def test_one_process_options_refuse_a_multi_process_launch_in_one_line(setup, mo
     assert not (out / "two").exists() or not any((out / "two").iterdir())
 
 
+def test_relearn_view_steps_every_linear_against_the_retain_gradient(setup):
+    """``robust_relearn_view``: the view is the model after one sign step of size alpha down the retain NLL's
+    gradient on every decoder linear weight (the deployed value for trained ones); the model itself is
+    untouched, and a run with it trains, saves on the NF4 codes, and is refused where it cannot run."""
+    from robust_unlearn.compress import compressible_linears
+    from robust_unlearn.data import dataset_for
+    from robust_unlearn.methods.losses import gdr
+    from robust_unlearn.robust.update import RelearnView
+
+    cfg, bench, target, key, ref, out = setup
+    model, tok = load_model(str(target))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ds = dataset_for(cfg, bench["retain"], tok)
+    batch = ds.collate([ds[i] for i in range(4)])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    alpha = 1e-5  # small enough for the first-order step to lower the retain NLL on this tiny model
+    view = RelearnView(model, alpha, {}).of(model, batch)
+    names = [f"{n}.weight" for n, _ in compressible_linears(model)]
+    want = {}
+    for n in names:
+        w = dict(model.named_parameters())[n]
+        w.requires_grad_(True)
+    g = torch.autograd.grad(gdr(model, batch), [dict(model.named_parameters())[n] for n in names])
+    for n, gn in zip(names, g):
+        want[n] = before[n] - alpha * torch.sign(gn)
+    assert all(torch.equal(view._tensors[n], want[n]) for n in names)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert float(gdr(view, batch)) < float(gdr(model, batch))  # the attack step lowers the retain NLL
+    cfg2 = load_recipe(None, TINY + ROBUST + ["unlearn.robust_floor=[nf4]", "unlearn.per_method.Robust_GradDiff.robust_qat=true",
+                                              "unlearn.per_method.Robust_GradDiff.robust_relearn_view=1e-3",
+                                              f"cache_dir={cfg['cache_dir']}"])
+    f0, _ = probs(cfg2, bench, target)
+    ckpt = unlearn(cfg2, bench, target, key, "Robust_GradDiff", out / "qat_relearn", ref)
+    meta = read_metadata(ckpt)
+    assert meta["spec"]["settings"]["robust_relearn_view"] == 1e-3 and meta["plan"]["final"]["qat"] is True
+    assert probs(cfg2, bench, ckpt)[0] < f0
+    with pytest.raises(Exception, match="robust_relearn_view 0.001 needs robust_qat true"):
+        load_recipe(None, ["unlearn.robust_relearn_view=1e-3"])
+
+
 def test_qat_is_off_in_the_spec_of_earlier_checkpoints(setup):
     cfg, *_ = setup
     from robust_unlearn.unlearn import SPEC_OFF

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 class SparseUpdate(Step):
     def __init__(self, model, masks: dict[str, torch.Tensor], nullspace: int = 0, floor: list[str] | None = None,
-                 floor_margin: float = 0.2, floor_every: int = 0, qat: bool = False, prune_view: float = 0.0):
+                 floor_margin: float = 0.2, floor_every: int = 0, qat: bool = False, prune_view: float = 0.0,
+                 relearn_view: float = 0.0):
         named = dict(model.named_parameters())
         self.params = {n: named[n] for n in masks}
         self.masks = {n: m.to(named[n].device) for n, m in masks.items()}
@@ -51,6 +52,11 @@ class SparseUpdate(Step):
         if self.prune_view and not self.qat:
             raise UserError("robust_prune_view trains through the pruned model's deployed weights: it needs robust_qat")
         self._view: PrunedView | None = None
+        self.relearn_view = float(relearn_view)
+        if self.relearn_view and not (self.qat and self.nullspace):
+            raise UserError("robust_relearn_view takes the forget term at attacked deployed weights: it needs "
+                            "robust_qat and the null-space step (robust_nullspace > 0)")
+        self._relearn: RelearnView | None = None
         self._steps = 0
         self.w0: dict[str, torch.Tensor] = {}
         self._retain: deque = deque(maxlen=max(self.nullspace, 1))
@@ -95,6 +101,13 @@ class SparseUpdate(Step):
                 self._deployed[n] = (mods[owner], attr, d)
         if self.prune_view and self._view is None:
             self._view = PrunedView(self._model, self.prune_view, self._deployed)
+        if self.relearn_view and self._relearn is None:
+            from accelerate.state import PartialState
+
+            if PartialState().num_processes > 1:
+                raise UserError("robust_relearn_view runs on one process only (its attack step is each process's "
+                                "own); run it without accelerate launch or set robust_relearn_view 0")
+            self._relearn = RelearnView(self._model, self.relearn_view, self._deployed)
 
     def attach(self, engine, model=None) -> None:
         """Read and write through ``engine``; with ``model``, follow its parameters (by name)."""
@@ -107,8 +120,8 @@ class SparseUpdate(Step):
         """The loss; with the null-space step the forget term's gradients are taken here (its own
         forward and backward) and the retain term is kept for ``update``'s backward."""
         self._split = self.split_grads and getattr(objective, "retain_term", None) is not None
-        if self._view is not None:
-            return self._forward_two_views(objective, model, batches)
+        if self._view is not None or self._relearn is not None:
+            return self._forward_views(objective, model, batches)
         if not self._split:
             return super().forward(objective, model, batches)
         with self.engine.acc.autocast():
@@ -119,32 +132,37 @@ class SparseUpdate(Step):
         self._backward = r_loss
         return f_loss.detach() + r_loss.detach()
 
-    def _forward_two_views(self, objective, model, batches: dict) -> torch.Tensor:
-        """``robust_prune_view``: the step's loss is the mean of the model's and its pruned view's. Both
-        forwards build one graph (the view's pruned copies are tensors of their own, not swapped weights),
-        so one backward sums the two views' gradients: under DDP and DeepSpeed ZeRO-2 as on one process.
-        With the null-space step, the forget gradient is the mean of both views' and the retain term is
-        the mean of both views' retain terms, back-propagated in ``update``."""
+    def _forward_views(self, objective, model, batches: dict) -> torch.Tensor:
+        """``robust_prune_view`` / ``robust_relearn_view``: the step's loss is the mean over views of the
+        model: itself, its pruned view, and (forget term only) its relearned view. Every forward builds
+        one graph (a view's weights are tensors of its own, not swapped weights), so one backward sums the
+        views' gradients: under DDP and DeepSpeed ZeRO-2 as on one process. With the null-space step the
+        forget gradient is the mean of the views' forget gradients, and the retain term the mean of the
+        model's and its pruned view's, back-propagated in ``update``."""
         ac = self.engine.acc.autocast
-        view = self._view.of(model)
+        views = [model] + ([self._view.of(model)] if self._view is not None else [])
         if not self._split:
+            if self._relearn is not None:
+                raise UserError("robust_relearn_view needs a method with a retain term and robust_nullspace > 0")
             with ac():
-                full = objective(model, batches)
-                pruned = objective(view, batches)
-            self._backward = 0.5 * (full + pruned)
-            return 0.5 * (full.detach() + pruned.detach())
+                losses = [objective(v, batches) for v in views]
+            self._backward = sum(losses) / len(losses)
+            return self._backward.detach()
+        forget_views = list(views)
+        if self._relearn is not None:
+            with ac():
+                forget_views.append(self._relearn.of(model, batches["retain"]))
+        grads, f_loss = [], []
+        for v in forget_views:
+            with ac():
+                f = objective.forget_term(v, batches)
+            grads.append(self.engine.forget_grads(f, self.trained))
+            f_loss.append(f.detach())
+        self.take_forget_grads([sum(g) / len(grads) for g in zip(*grads)])
         with ac():
-            f_full = objective.forget_term(model, batches)
-        g_full = self.engine.forget_grads(f_full, self.trained)
-        with ac():
-            f_p = objective.forget_term(view, batches)
-        g_p = self.engine.forget_grads(f_p, self.trained)
-        self.take_forget_grads([0.5 * (a + b) for a, b in zip(g_full, g_p)])
-        with ac():
-            r_full = objective.retain_term(model, batches)
-            r_p = objective.retain_term(view, batches)
-        self._backward = 0.5 * (r_full + r_p)
-        return 0.5 * (f_full.detach() + f_p.detach() + r_full.detach() + r_p.detach())
+            r_loss = [objective.retain_term(v, batches) for v in views]
+        self._backward = sum(r_loss) / len(r_loss)
+        return sum(f_loss) / len(f_loss) + self._backward.detach()
 
     def update(self, params: list, clip: float | None) -> None:
         """Backward, (null-space step: projected forget + retain gradient), optimizer step, then every
@@ -255,7 +273,7 @@ class SparseUpdate(Step):
             p.data = weight.to(p.dtype)
             stats["updated_params"] += int((weight != w0).sum())
         self._deployed.clear()
-        self._view = None
+        self._view = self._relearn = None
         stats.update(moved_by_floor=0, reverted=left, qat=True)
         return stats
 
@@ -280,6 +298,7 @@ class Deployed(torch.nn.Module):
         self.register_buffer("mask", mask.detach().clone(), persistent=False)
         self.register_buffer("kt", codes(self.w0, fmt), persistent=False)
         self.keep: torch.Tensor | None = None  # set inside a PrunedView: the weights that view keeps
+        self.shift: torch.Tensor | None = None  # set inside a RelearnView: the attack's step on the deployed weight
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         from ..quant import codes, dequantized
@@ -291,7 +310,8 @@ class Deployed(torch.nn.Module):
             if self.keep is not None:
                 eff = eff * self.keep
             eff = eff.to(w.dtype)
-        return w + (eff - w).detach()
+        out = w + (eff - w).detach()
+        return out if self.shift is None else out + self.shift.to(out.dtype)
 
 
 class PrunedView:
@@ -325,25 +345,61 @@ class PrunedView:
         if key not in self._of:
             named = {n: self._pruned[id(p)].to(device=p.device, dtype=p.dtype)
                      for n, p in model.named_parameters() if id(p) in self._pruned}
-            keep = [(d, k.to(d.w0.device)) for d, k in self._deployed]
+            keep = [(d, "keep", k.to(d.w0.device)) for d, k in self._deployed]
             self._of[key] = _Viewed(model, named, keep)
         return self._of[key]
 
 
-class _Viewed:
-    """A model called through a ``PrunedView``; every other attribute is the model's."""
+class RelearnView:
+    """``robust_relearn_view`` = alpha: ``view.of(model, retain_batch)`` is ``model`` at the weights a
+    relearning attack reaches in one simulated step: every decoder linear weight (the deployed value
+    for the trained ones) moves by ``alpha`` against the sign of its gradient of the retain NLL on that
+    batch. Adam's first steps move each weight by about its lr, so ``alpha`` ~ the attack's steps x lr
+    (``sweep.relearn``: 10 x 1e-4 = 1e-3). The step's forget term is also taken there, first-order as
+    in sharpness-aware minimisation (Foret et al. 2021; for unlearning against relearning, Fan et al.
+    2025, arXiv 2502.05374): the attack step itself is not differentiated."""
 
-    def __init__(self, model, pruned: dict, deployed: list):
-        self._model, self._pruned, self._deployed = model, pruned, deployed
+    def __init__(self, model, alpha: float, deployed: dict):
+        self.alpha = float(alpha)
+        trained = {id(mod): d for mod, _, d in deployed.values()}
+        self._frozen: set[int] = set()
+        self._deployed = []
+        for _, mod in compressible_linears(model):
+            if id(mod) in trained:
+                self._deployed.append(trained[id(mod)])
+            else:
+                self._frozen.add(id(mod.weight))
+
+    def of(self, model, retain_batch: dict) -> "_Viewed":
+        from ..methods.losses import gdr
+
+        named = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if id(p) in self._frozen}
+        shifts = [torch.zeros_like(d.w0, requires_grad=True) for d in self._deployed]
+        probe = _Viewed(model, named, [(d, "shift", z) for d, z in zip(self._deployed, shifts)])
+        with torch.enable_grad():
+            leaves = list(named.values()) + shifts
+            grads = torch.autograd.grad(gdr(probe, retain_batch), leaves, allow_unused=True)
+        step = [torch.zeros_like(t) if g is None else -self.alpha * torch.sign(g) for t, g in zip(leaves, grads)]
+        moved = {n: (t + s).detach() for (n, t), s in zip(named.items(), step)}
+        return _Viewed(model, moved, [(d, "shift", s.detach()) for d, s in zip(self._deployed, step[len(named):])])
+
+
+class _Viewed:
+    """A model called with some weights replaced (``torch.func.functional_call``) and some attributes
+    set for the call (``(object, name, value)``, back to None after it); every other attribute is the
+    model's."""
+
+    def __init__(self, model, tensors: dict, attrs: list):
+        self._model, self._tensors, self._attrs = model, tensors, attrs
 
     def __call__(self, *args, **kwargs):
-        for d, keep in self._deployed:
-            d.keep = keep
+        for obj, name, value in self._attrs:
+            setattr(obj, name, value)
         try:
-            return torch.func.functional_call(self._model, self._pruned, args, kwargs, strict=False)
+            return torch.func.functional_call(self._model, self._tensors, args, kwargs, strict=False)
         finally:
-            for d, _ in self._deployed:
-                d.keep = None
+            for obj, name, _ in self._attrs:
+                setattr(obj, name, None)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -402,7 +458,7 @@ def plan_update(model, objective, datasets: dict, settings: dict, robust: bool, 
         update = SparseUpdate(model, masks, nullspace=settings["robust_nullspace"] if "retain" in datasets else 0,
                               floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"],
                               floor_every=settings["robust_floor_every"], qat=settings["robust_qat"],
-                              prune_view=settings["robust_prune_view"])
+                              prune_view=settings["robust_prune_view"], relearn_view=settings["robust_relearn_view"])
     stats["salient"] = salient
     stats["saliency_top"] = sorted(saliency.items(), key=lambda kv: -kv[1])[:10]
     log.info("update plan: %d salient modules, %d weights to update", stats["salient_modules"], stats["updated_params"])
