@@ -314,6 +314,13 @@ class Deployed(torch.nn.Module):
         return out if self.shift is None else out + self.shift.to(out.dtype)
 
 
+def _decoder_linears(model, deployed: dict) -> list:
+    """Every decoder linear (``compress.compressible_linears``) as (name, module, its ``Deployed``
+    parametrization if it trains under ``robust_qat``, else None)."""
+    trained = {id(mod): d for mod, _, d in deployed.values()}
+    return [(n, mod, trained.get(id(mod))) for n, mod in compressible_linears(model)]
+
+
 class PrunedView:
     """``robust_prune_view``: ``view.of(model)`` is ``model`` with every decoder linear weight that
     magnitude pruning at ``sparsity`` zeroes in the target (``compress.prune.prune_masks``) at zero. The
@@ -329,13 +336,11 @@ class PrunedView:
         drop = prune_masks(model, sparsity)  # at the target: the trained weights' parametrizations give w0
         self._pruned: dict[int, torch.Tensor] = {}  # id(frozen weight) -> its pruned copy
         self._deployed = []
-        trained = {id(mod): d for mod, _, d in deployed.values()}
-        for n, mod in compressible_linears(model):
-            if id(mod) in trained:
-                self._deployed.append((trained[id(mod)], ~drop[n]))
+        for n, mod, d in _decoder_linears(model, deployed):
+            if d is not None:
+                self._deployed.append((d, ~drop[n]))
             else:
-                w = mod.weight
-                self._pruned[id(w)] = w.detach().masked_fill(drop[n], 0.0)
+                self._pruned[id(mod.weight)] = mod.weight.detach().masked_fill(drop[n], 0.0)
         self._of: dict[int, _Viewed] = {}
 
     def of(self, model) -> "_Viewed":
@@ -361,14 +366,9 @@ class RelearnView:
 
     def __init__(self, model, alpha: float, deployed: dict):
         self.alpha = float(alpha)
-        trained = {id(mod): d for mod, _, d in deployed.values()}
-        self._frozen: set[int] = set()
-        self._deployed = []
-        for _, mod in compressible_linears(model):
-            if id(mod) in trained:
-                self._deployed.append(trained[id(mod)])
-            else:
-                self._frozen.add(id(mod.weight))
+        linears = _decoder_linears(model, deployed)
+        self._frozen = {id(mod.weight) for _, mod, d in linears if d is None}
+        self._deployed = [d for _, _, d in linears if d is not None]
 
     def of(self, model, retain_batch: dict) -> "_Viewed":
         from ..methods.losses import gdr
