@@ -163,11 +163,13 @@ DEFAULTS: dict[str, Any] = {
             # threshold would round away (|w| > 2^8 x lr does not move)
             "SURE_GradDiff": {"precision": "fp32", "steps": 30},
             "SURE_NPO_KLR": {"precision": "fp32", "steps": 30},
-            # its length scales with the forget set (epochs over it, not a step count) and it stops at the
-            # retain oracle's forget probability, measured in the same run (issue 12)
-            "Robust_GradDiff": {"precision": "fp32", "lr": 2.0e-3, "steps": None, "epochs": 30.0,
+            # its length scales with the forget set (epochs over it, at least 90 steps) and it stops at the
+            # retain oracle's forget probability, measured in the same run; it trains through the deployed
+            # NF4 grid and through the model pruned at 30% (issue 12). robust_floor_every applies only with
+            # robust_qat false (the launch ZeRO-3 needs): then it is the method measured before 2026-11-27
+            "Robust_GradDiff": {"precision": "fp32", "lr": 2.0e-3, "steps": None, "epochs": 30.0, "min_steps": 90,
                                 "stop_forget_prob": "oracle", "robust_topk": 0.03, "robust_floor_every": 4,
-                                "robust_floor_margin": 0.05},
+                                "robust_floor_margin": 0.05, "robust_qat": True, "robust_prune_view": 0.3},
             "RMU": {"precision": "fp32", "lr": 1.0e-3, "steps": 80, "alpha": 10.0, "stop_forget_prob": 0.15,
                     "rmu_params": "model\\.layers\\.(5|6|7)\\.mlp\\..*_proj\\.weight"},
             # the RMU loss through SURE's saliency / the robust update (fp32, as the other wrappers)
@@ -612,6 +614,10 @@ def recipe_problems(cfg: dict) -> list[str]:
             if st.get(view) and not st.get("robust_qat"):
                 out.append(f"{where}.{view} {st[view]} needs robust_qat true (it trains through the "
                            f"{'pruned' if view == 'robust_prune_view' else 'relearned'} model's deployed weights)")
+            elif st.get(view) and st.get("gradient_checkpointing") and (view in keys or "gradient_checkpointing" in keys):
+                # checkpointing recomputes the view's forward in backward, after the view has been taken off
+                out.append(f"{where}.{view} {st[view]} cannot run with gradient_checkpointing (backward would "
+                           f"recompute the view's forward without it); set one of them off")
         if "rmu_params" in keys:
             try:
                 re.compile(st["rmu_params"])

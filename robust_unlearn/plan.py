@@ -17,7 +17,12 @@ Each component is bytes per parameter times the parameters it applies to, or byt
   frozen copies of the trained tensors only (``SharedReference``, the default), nothing (LoRA: the
   adapters off), or under ZeRO-3 a partitioned engine: the weights / processes.
 - **Robust_ state**: the update mask (1 byte), the target's values and the last ``robust_nullspace``
-  retain gradients (fp32) per trained weight.
+  retain gradients (fp32) per trained weight. ``robust_qat`` adds its parametrizations' target values
+  (fp32), mask and target codes (int32), and each trained weight's deployed copy, kept for backward;
+  ``robust_prune_view`` adds the pruned copies of the frozen decoder linears, the kept mask of the
+  trained ones and their pruned deployed copy, and keeps both views' activations and logits until the
+  one backward. These terms are counted from the code, not measured (``evals/plan_check.py`` does not
+  run the robust step); ``robust_relearn_view`` is not counted.
 - **activations** per token and decoder layer, what autograd keeps for backward in transformers' Llama
   with SDPA attention: each RMSNorm's fp32 input and, when its weight trains, its normalised copy; the
   inputs of the trained linears (normed, the attention output's transposed copy, normed, the MLP
@@ -262,9 +267,17 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
     out["reference"] = ref
     out["robust_state"] = T * (1 + 4 + 4 * int(settings.get("robust_nullspace", 0))) \
         if split_method(method)[0] == "Robust" else 0
-    # activations
     wrapper, base = split_method(method)
-    rows = setup.rows * streams(method, settings)
+    qat = wrapper == "Robust" and bool(settings.get("robust_qat")) and not lora
+    views = 2 if qat and float(settings.get("robust_prune_view") or 0) > 0 else 1
+    deployed_kept = 0.0  # robust_qat: each view's deployed copy of the trained weights, kept for backward
+    if qat:
+        out["robust_state"] += T * (4 + 1 + 4)  # Deployed: target values (fp32), mask, target codes (int32)
+        deployed_kept = T * wb * views
+        if views == 2:  # PrunedView: pruned copies of the frozen decoder linears, the trained ones' kept mask
+            out["robust_state"] += max(shape.linear_params - T, 0) * wb + T
+    # activations
+    rows = setup.rows * streams(method, settings) * views
     tokens = rows * setup.seq_len
     layers = shape.layers
     if base == "RMU":  # the loss at rmu_layer, only rmu_params train: layers from the first trained one to it
@@ -288,6 +301,7 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
         acts, recompute = tokens * layers * compute * shape.hidden, tokens * per_layer
     else:
         acts, recompute = tokens * layers * per_layer, 0
+    acts += deployed_kept
     out["activations"] = acts + recompute
     if split_method(method)[1] == "RMU":
         out["logits"] = tokens * shape.hidden * 4 * 2          # the steering / reference activations
@@ -296,6 +310,7 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
         one = setup.rows * (setup.scored_len or setup.seq_len) * shape.vocab * 4
         kinds = stream_kinds(method, settings)
         kept = sum(k for k, _ in kinds)
+        kept *= views  # robust_prune_view: the full model's streams and the pruned view's, one backward
         out["logits"] = one * max(kept + 2, kept - kinds[-1][0] + kinds[-1][1])  # backward start | last forward
         head_grad = shape.head_params * (out["gradients"] / T if T else 0) if full_ft else 0.0
     # a layer's backward: the gradients of the MLP's product, SiLU, up and gate and of two hidden states
@@ -318,13 +333,18 @@ def candidates(setup: Setup, gpus: int, method: str, settings: dict) -> list[Set
     from .methods import split_method
 
     plain_step = split_method(method)[0] is None  # SURE_ / Robust_ step rules refuse accumulation
-    launches = [(1, 0)] + ([(gpus, 0), (gpus, 2), (gpus, 3)] if gpus > 1 else [])
+    robust = split_method(method)[0] == "Robust"
+    # where the robust options run: robust_relearn_view on one process, robust_qat not under ZeRO-3
+    several = [] if robust and float(settings.get("robust_relearn_view") or 0) > 0 else \
+        [(gpus, 0), (gpus, 2)] + ([] if robust and settings.get("robust_qat") else [(gpus, 3)])
+    launches = [(1, 0)] + (several if gpus > 1 else [])
     loras = [setup.lora_r] + ([16] if not setup.lora_r and split_method(method)[1] != "RMU"
                               and split_method(method)[0] != "Robust" else [])
     out = []
     for r in loras:
         for g, z in launches:
-            for ckpt in ([setup.checkpointing] + ([True] if not setup.checkpointing else [])):
+            views = robust and (float(settings.get("robust_prune_view") or 0) or float(settings.get("robust_relearn_view") or 0))
+            for ckpt in ([setup.checkpointing] + ([True] if not setup.checkpointing and not views else [])):
                 # the training loop accumulates with the plain step, on one process or DDP only
                 accums = (1, 2, 4, 8, 16, 32) if plain_step and z == 0 else (1,)
                 for a in accums:
