@@ -166,7 +166,7 @@ DEFAULTS: dict[str, Any] = {
             # its length scales with the forget set (epochs over it, at least 90 steps) and it stops at the
             # retain oracle's forget probability, measured in the same run; it trains through the deployed
             # NF4 grid and through the model pruned at 30% (issue 12). robust_floor_every applies only with
-            # robust_qat false (the launch ZeRO-3 needs): then it is the method measured before 2026-11-27
+            # robust_qat false (the launch ZeRO-3 needs): then it is the method shipped until 2026-11-26
             "Robust_GradDiff": {"precision": "fp32", "lr": 2.0e-3, "steps": None, "epochs": 30.0, "min_steps": 90,
                                 "stop_forget_prob": "oracle", "robust_topk": 0.03, "robust_floor_every": 4,
                                 "robust_floor_margin": 0.05, "robust_qat": True, "robust_prune_view": 0.3},

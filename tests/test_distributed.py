@@ -170,14 +170,18 @@ def test_zero3_reference_is_partitioned_and_matches_one_process(setup):
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= TOL
 
 
-@pytest.mark.parametrize("engine", ["one process", "zero2"])
+@pytest.mark.parametrize("engine", ["one process", "zero2", "qat-one-process"])
 def test_sigkilled_run_resumes_to_the_same_weights(setup, engine):
     """Robust_GradDiff (optimizer, scheduler, null-space history, floor-every-N state) with a state
     saved every 2 steps: SIGKILL once a state exists, start again, compare with an uninterrupted run
-    (one process; and DeepSpeed ZeRO-2 on 2 processes, whose state is DeepSpeed's own checkpoint)."""
+    (one process; DeepSpeed ZeRO-2 on 2 processes, whose state is DeepSpeed's own checkpoint; and one
+    process with the shipped robust_qat + robust_prune_view, whose parametrized weights are saved as
+    their latent values and whose target values and pruned view are rebuilt from the target)."""
     cfg, bench, target, overrides, tmp = setup
     method = "Robust_GradDiff"
     ov = overrides + ["unlearn.per_method.Robust_GradDiff.steps=16", "runtime.checkpoint_every=2"]
+    if engine.startswith("qat"):
+        ov += QAT + ["unlearn.per_method.Robust_GradDiff.robust_prune_view=0.3"]
     launch = _zero_launch(2) if engine == "zero2" else [sys.executable]
     whole = tmp / f"uninterrupted-{engine}"
     _run(_cmd(launch, ov, target, method, whole))

@@ -18,7 +18,8 @@ COLLAPSE = ["unlearn.collapse_floor=0.8", "unlearn.per_method.Robust_GradDiff.al
             "unlearn.per_method.Robust_GradDiff.robust_fisher_exclude=0", "unlearn.robust_nullspace=0",
             "unlearn.per_method.Robust_GradDiff.lr=0.3", "unlearn.sure_percentile=0", "unlearn.robust_topk=1.0",
             "unlearn.robust_prune_aware=0", "unlearn.robust_floor=[]", "unlearn.per_method.Robust_GradDiff.robust_floor_every=0",
-            "unlearn.per_method.Robust_GradDiff.stop_forget_prob=null", "unlearn.per_method.Robust_GradDiff.steps=12"]
+            "unlearn.per_method.Robust_GradDiff.stop_forget_prob=null", "unlearn.per_method.Robust_GradDiff.steps=12",
+            "unlearn.per_method.Robust_GradDiff.robust_qat=false", "unlearn.per_method.Robust_GradDiff.robust_prune_view=0"]
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,31 @@ def test_memory_savers_lower_the_plan_and_zero3_divides_it():
     assert plan_method(shape, "SimNPO", st, base)["reference"] == 0  # reference-free
 
 
+def test_robust_options_add_their_state_and_keep_to_the_launches_they_run_under():
+    """robust_qat: its parametrizations' state and deployed copies, never ZeRO-3; robust_prune_view: the
+    frozen linears' pruned copies and both views' activations, never gradient checkpointing;
+    robust_relearn_view: one process only."""
+    from robust_unlearn.plan import candidates
+
+    conf = tiny_config(2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2)
+    shape = shape_of(model_on_meta(conf))
+    base = Setup(batch_size=8, seq_len=256, precision="fp32")
+    off, qat = _settings(), _settings(robust_qat=True)
+    view, relearn = _settings(robust_qat=True, robust_prune_view=0.3), _settings(robust_qat=True, robust_relearn_view=3e-4)
+    p0, p1, p2 = (plan_method(shape, "Robust_GradDiff", s, base) for s in (off, qat, view))
+    T = p0["trained_params"]
+    assert p1["robust_state"] - p0["robust_state"] == T * 9  # fp32 target values, mask, int32 target codes
+    assert p1["activations"] - p0["activations"] == T * 4  # the deployed copy kept for backward
+    assert p2["robust_state"] - p1["robust_state"] == (shape.linear_params - T) * 4 + T
+    assert p2["activations"] > 2 * p0["activations"] and p2["logits"] > p1["logits"]
+    launches = {s: {(c.gpus, c.zero, c.checkpointing) for c in candidates(base, 4, "Robust_GradDiff", st)}
+                for s, st in (("off", off), ("qat", qat), ("view", view), ("relearn", relearn))}
+    assert (4, 3, False) in launches["off"] and not any(z == 3 for _, z, _ in launches["qat"])
+    assert (4, 2, True) in launches["qat"] and not any(c for _, _, c in launches["view"])
+    assert {g for g, _, _ in launches["relearn"]} == {1}
+
+
 def test_plan_is_within_15_percent_of_the_measured_peak_on_the_tiny_model(tmp_path):
     """evals/plan_check.py runs three steps per configuration in a fresh process (GradDiff fp32 and bf16,
     NPO fp32 with its reference, LoRA GradDiff) and compares the peak with the plan's."""

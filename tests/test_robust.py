@@ -7,6 +7,8 @@ zero, and every weight it changed has a different NF4 code (by bitsandbytes' qua
 code than the target's. The same for RMU as the base (SURE_RMU, Robust_RMU); RMU's loss at layer l
 gives no saliency after l, so SURE_RMU steered at layer 0 trains only layer 0.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,8 @@ from robust_unlearn.unlearn import Reference, unlearn
 
 from test_methods import probs
 
+REPO = Path(__file__).resolve().parents[1]
+
 ROBUST = ["unlearn.sure_percentile=50", "unlearn.robust_topk=0.2", "unlearn.robust_floor=[nf4,int8]",
           "unlearn.robust_nullspace=4", "unlearn.per_method.SURE_NPO_KLR.epochs=10",
           "unlearn.per_method.Robust_GradDiff.lr=3e-3",
@@ -31,6 +35,10 @@ ROBUST = ["unlearn.sure_percentile=50", "unlearn.robust_topk=0.2", "unlearn.robu
           "unlearn.per_method.Robust_GradDiff.steps=null", "unlearn.per_method.Robust_GradDiff.stop_forget_prob=null",
           "unlearn.per_method.Robust_GradDiff.robust_topk=0.2", "unlearn.per_method.Robust_GradDiff.robust_floor_every=0",
           "unlearn.per_method.Robust_GradDiff.robust_floor_margin=0.2",
+          # the floor path on two formats: the shipped robust_qat / robust_prune_view / min_steps off
+          # (test_defaults_train_through_the_deployed_grid runs them)
+          "unlearn.per_method.Robust_GradDiff.robust_qat=false", "unlearn.per_method.Robust_GradDiff.robust_prune_view=0",
+          "unlearn.per_method.Robust_GradDiff.min_steps=0",
           # RMU as the base: TINY's RMU settings (test_methods); SURE_RMU steers layer 0 of 2
           "unlearn.per_method.SURE_RMU.lr=2e-3", "unlearn.per_method.SURE_RMU.alpha=10",
           "unlearn.per_method.SURE_RMU.rmu_steering=5", "unlearn.per_method.SURE_RMU.rmu_layer=0",
@@ -165,6 +173,37 @@ def test_floor_inside_the_loop_keeps_the_guarantee(setup):
     for n in moved:
         upd = wa[n] != wb[n]
         assert verify_flips(wa[n], wb[n], upd, ["rtn4-g128"])["rtn4-g128"] == 1.0
+
+
+def test_defaults_train_through_the_deployed_grid_and_the_pruned_model(setup):
+    """The shipped Robust_GradDiff (issue 12): robust_qat on NF4, robust_prune_view 0.3, at least 90 steps;
+    a run with them saves only weights that left their target's NF4 code, on their codes' values, none of
+    them a weight that pruning at 30% zeroes in the target."""
+    from robust_unlearn.compress import get_compression
+    from robust_unlearn.config import method_settings
+
+    for path in (None, REPO / "recipes" / "default.yaml"):
+        shipped = method_settings(load_recipe(path, []), "Robust_GradDiff")
+        assert (shipped["robust_qat"], shipped["robust_prune_view"], shipped["min_steps"], shipped["robust_floor"]) == \
+            (True, 0.3, 90, ["nf4"])
+    cfg, bench, target, key, ref, out = setup
+    on = ["unlearn.robust_floor=[nf4]", "unlearn.per_method.Robust_GradDiff.robust_qat=true",
+          "unlearn.per_method.Robust_GradDiff.robust_prune_view=0.3", "unlearn.per_method.Robust_GradDiff.steps=6",
+          f"cache_dir={cfg['cache_dir']}"]
+    ckpt = unlearn(load_recipe(None, TINY + ROBUST + on), bench, target, key, "Robust_GradDiff", out / "shipped", ref)
+    meta = read_metadata(ckpt)
+    assert meta["plan"]["final"]["qat"] is True and meta["spec"]["settings"]["robust_prune_view"] == 0.3
+    a, wa = _weights(target)
+    b, wb = _weights(ckpt)
+    wq = {f"{n}.weight": m.weight.detach() for n, m in compressible_linears(get_compression("nf4")(b))}
+    thr = prune_threshold(a, 0.3)
+    moved = 0
+    for n in wa:
+        upd = wa[n] != wb[n]
+        moved += int(upd.sum())
+        assert torch.equal(wq[n][upd], wb[n][upd]), n
+        assert bool((wa[n][upd].abs() > thr).all()), n
+    assert moved > 0
 
 
 def test_qat_trains_through_the_deployed_grid_and_saves_it_exactly(setup):
