@@ -265,9 +265,8 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
         else:                                                # a full fp32 copy on every process
             ref = shape.params * 4
     out["reference"] = ref
-    out["robust_state"] = T * (1 + 4 + 4 * int(settings.get("robust_nullspace", 0))) \
-        if split_method(method)[0] == "Robust" else 0
     wrapper, base = split_method(method)
+    out["robust_state"] = T * (1 + 4 + 4 * int(settings.get("robust_nullspace", 0))) if wrapper == "Robust" else 0
     qat = wrapper == "Robust" and bool(settings.get("robust_qat")) and not lora
     views = 2 if qat and float(settings.get("robust_prune_view") or 0) > 0 else 1
     deployed_kept = 0.0  # robust_qat: each view's deployed copy of the trained weights, kept for backward
@@ -332,18 +331,19 @@ def candidates(setup: Setup, gpus: int, method: str, settings: dict) -> list[Set
     ZeRO-3, and last LoRA (a different update)."""
     from .methods import split_method
 
-    plain_step = split_method(method)[0] is None  # SURE_ / Robust_ step rules refuse accumulation
-    robust = split_method(method)[0] == "Robust"
-    # where the robust options run: robust_relearn_view on one process, robust_qat not under ZeRO-3
-    several = [] if robust and float(settings.get("robust_relearn_view") or 0) > 0 else \
-        [(gpus, 0), (gpus, 2)] + ([] if robust and settings.get("robust_qat") else [(gpus, 3)])
+    wrapper, base = split_method(method)
+    plain_step = wrapper is None  # SURE_ / Robust_ step rules refuse accumulation
+    robust = wrapper == "Robust"
+    # where the robust options run: robust_relearn_view on one process, robust_qat not under ZeRO-3, a
+    # view (pruned or relearned) never with gradient checkpointing
+    relearn = robust and float(settings.get("robust_relearn_view") or 0) > 0
+    views = relearn or (robust and float(settings.get("robust_prune_view") or 0) > 0)
+    several = [] if relearn else [(gpus, 0), (gpus, 2)] + ([] if robust and settings.get("robust_qat") else [(gpus, 3)])
     launches = [(1, 0)] + (several if gpus > 1 else [])
-    loras = [setup.lora_r] + ([16] if not setup.lora_r and split_method(method)[1] != "RMU"
-                              and split_method(method)[0] != "Robust" else [])
+    loras = [setup.lora_r] + ([16] if not setup.lora_r and base != "RMU" and not robust else [])
     out = []
     for r in loras:
         for g, z in launches:
-            views = robust and (float(settings.get("robust_prune_view") or 0) or float(settings.get("robust_relearn_view") or 0))
             for ckpt in ([setup.checkpointing] + ([True] if not setup.checkpointing and not views else [])):
                 # the training loop accumulates with the plain step, on one process or DDP only
                 accums = (1, 2, 4, 8, 16, 32) if plain_step and z == 0 else (1,)
