@@ -13,8 +13,10 @@ training loop's (``build_objective``, the shared reference, AdamW with the recip
 clipping, gradients set to None after the step); the batches are random token ids, ``--rows`` rows of
 ``--length`` tokens per stream with the answer labels on the second half and one row half padding (so
 attention takes the padding-mask path, as with real batches). SURE_ trains the modules its saliency
-chooses on the forget batch; the plan assumes the largest (an upper bound). Prints one row per
-configuration and the largest |plan / measured - 1|.
+chooses on the forget batch; the plan assumes the largest (an upper bound). Robust_ runs the training
+loop's own step protocol (``robust.update.SparseUpdate``: masks on those modules, the null-space split,
+``robust_qat``'s parametrizations and ``robust_prune_view``'s pruned view) with its shipped settings and
+with both options off. Prints one row per configuration and the largest |plan / measured - 1|.
 """
 from __future__ import annotations
 
@@ -32,10 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from robust_unlearn.plan import Setup, plan_method, shape_of  # noqa: E402
 
 GiB = 1024 ** 3
-CONFIGS = [  # method, precision, lora r, gradient checkpointing
+CONFIGS = [  # method, precision, lora r, gradient checkpointing[, Robust_ options over the method's settings]
     ("GradDiff", "fp32", 0, False), ("GradDiff", "bf16", 0, False), ("GradDiff", "fp32", 0, True),
     ("NPO", "fp32", 0, False), ("NPO_KLR", "bf16", 0, False), ("SimNPO", "bf16", 0, False),
     ("SURE_GradDiff", "fp32", 0, False), ("GradDiff", "fp32", 16, False), ("NPO", "bf16", 16, False),
+    # Robust_GradDiff's step (the null-space split, the masks' hooks): its shipped settings (robust_qat and
+    # robust_prune_view on), then with both off (the real-model recipes' setting)
+    ("Robust_GradDiff", "fp32", 0, False, {}),
+    ("Robust_GradDiff", "fp32", 0, False, {"robust_qat": False, "robust_prune_view": 0.0}),
 ]
 
 
@@ -46,10 +52,11 @@ def _status(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def _settings(method: str, lora: int) -> dict:
-    from robust_unlearn.config import DEFAULTS
+def _settings(method: str, lora: int, options: dict | None = None) -> dict:
+    """The method's shipped settings (``unlearn.per_method`` applied), then ``options``."""
+    from robust_unlearn.config import DEFAULTS, method_settings
 
-    s = {k: v for k, v in DEFAULTS["unlearn"].items() if k not in ("methods", "per_method")}
+    s = {**method_settings(DEFAULTS, method), **(options or {})}
     s["lora"] = {**s["lora"], "r": lora, "alpha": 2.0 * lora if lora else s["lora"]["alpha"]}
     return s
 
@@ -97,6 +104,7 @@ def measure(job: dict, args) -> dict:
     from robust_unlearn.unlearn import SharedReference
 
     method, precision, lora, ckpt = job["method"], job["precision"], job["lora"], job["ckpt"]
+    options = job.get("options") or {}
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
@@ -112,10 +120,10 @@ def measure(job: dict, args) -> dict:
     vocab = model.config.vocab_size
     batches = {"forget": _batch(vocab, args.rows, args.length, 0, device),
                "retain": _batch(vocab, args.rows, args.length, 1, device)}
-    st = _settings(method, lora)
+    st = _settings(method, lora, options)
     wrapper, base_method = split_method(method)
     salient = None
-    if wrapper == "SURE":
+    if wrapper in ("SURE", "Robust"):
         obj0 = build_objective(base_method, st, model, ref=model)
         sal, _ = forget_scores(model, obj0.forget_loss, [batches["forget"]], attribution=False)
         salient = salient_modules(sal, st["sure_percentile"])
@@ -142,12 +150,31 @@ def measure(job: dict, args) -> dict:
                 lin[n].requires_grad_(True)
         if ref is not None:
             ref.freeze()
+    proto = None
+    if wrapper == "Robust":  # the training loop's step protocol, as plan_update builds it (the masks: the
+        # robust_topk share of the salient weights at random, which does not change the bytes held)
+        from robust_unlearn.robust.update import SparseUpdate
+
+        g = torch.Generator().manual_seed(0)
+        lin = linear_weights(model)
+        masks = {n: torch.rand(lin[n].shape, generator=g).to(device) < float(st["robust_topk"]) for n in salient}
+        proto = SparseUpdate(model, masks, nullspace=st["robust_nullspace"], floor=st["robust_floor"],
+                             floor_margin=st["robust_floor_margin"], floor_every=st["robust_floor_every"],
+                             qat=st["robust_qat"], prune_view=st["robust_prune_view"],
+                             relearn_view=st["robust_relearn_view"])
+        proto.start()
     if ckpt:
         from robust_unlearn.train import set_checkpointing
 
         set_checkpointing(model, True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=st["weight_decay"], eps=st["adam_eps"])
+    if proto is not None:
+        from accelerate import Accelerator
+
+        from robust_unlearn.engine import Engine
+
+        proto.attach(Engine(Accelerator(cpu=not cuda), model, opt))
     del gdr
     if cuda:  # the peak := now (setup's transients out: the fp32 -> bf16 cast, the saliency pass)
         torch.cuda.synchronize()
@@ -158,6 +185,10 @@ def measure(job: dict, args) -> dict:
         if os.environ.get("PLAN_CHECK_TRACE") and not cuda:
             print(f"step {i}: rss {(_status('VmRSS') - base) / GiB:.3f} hwm {(_status('VmHWM') - base) / GiB:.3f}",
                   file=sys.stderr)
+        if proto is not None:  # forward (its views, the forget gradients), backward, step, mask, as in train
+            proto.forward(objective, model, batches)
+            proto.update(params, 1.0)
+            continue
         loss = objective(model, batches)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -185,7 +216,7 @@ def planned(job: dict, args) -> dict:
     shape = shape_of(model, "")
     setup = Setup(gpus=1, precision=job["precision"], batch_size=args.rows, seq_len=args.length,
                   scored_len=args.length // 2 + 1, checkpointing=job["ckpt"], reference="shared", lora_r=job["lora"])
-    return plan_method(shape, job["method"], _settings(job["method"], job["lora"]), setup)
+    return plan_method(shape, job["method"], _settings(job["method"], job["lora"], job.get("options")), setup)
 
 
 def main() -> None:
@@ -206,8 +237,8 @@ def main() -> None:
         return
     rows = []
     todo = [CONFIGS[int(i)] for i in args.only.split(",")] if args.only else CONFIGS
-    for method, precision, lora, ckpt in todo:
-        job = {"method": method, "precision": precision, "lora": lora, "ckpt": ckpt}
+    for method, precision, lora, ckpt, *options in todo:
+        job = {"method": method, "precision": precision, "lora": lora, "ckpt": ckpt, "options": options[0] if options else {}}
         cmd = [sys.executable, __file__, "--child", json.dumps(job)] + \
               [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "only", "json") and v is not None]
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -226,10 +257,11 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (resident-set rise)"
     name = args.model or args.model_config or f"tiny Llama hidden {args.hidden} x {args.layers}, vocab {args.vocab}"
     print(f"\n{name}; {args.rows} rows x {args.length} tokens per stream; {dev}\n")
-    print("| method | precision | LoRA r | checkpointing | trained (measured / planned) | measured GiB | planned GiB | planned / measured |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | precision | LoRA r | checkpointing | options | trained (measured / planned) | measured GiB | planned GiB | planned / measured |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['precision']} | {r['lora'] or '-'} | {'on' if r['ckpt'] else 'off'} | "
+        opts = ", ".join(f"{k} {v}" for k, v in r["options"].items()) or "-"
+        print(f"| {r['method']} | {r['precision']} | {r['lora'] or '-'} | {'on' if r['ckpt'] else 'off'} | {opts} | "
               f"{r['trained'] / 1e6:.2f}M / {r['planned_trained'] / 1e6:.2f}M | {r['measured'] / GiB:.3f} | "
               f"{r['planned'] / GiB:.3f} | {r['planned'] / r['measured']:.3f} |")
     worst = max(abs(r["planned"] / r["measured"] - 1) for r in rows) if rows else float("nan")

@@ -16,13 +16,17 @@ Each component is bytes per parameter times the parameters it applies to, or byt
 - **reference** (methods with a KL term, NPO, DPO, UNDIAL, RMU): a full fp32 copy (``Reference``), the
   frozen copies of the trained tensors only (``SharedReference``, the default), nothing (LoRA: the
   adapters off), or under ZeRO-3 a partitioned engine: the weights / processes.
-- **Robust_ state**: the update mask (1 byte), the target's values and the last ``robust_nullspace``
-  retain gradients (fp32) per trained weight. ``robust_qat`` adds its parametrizations' target values
-  (fp32), mask and target codes (int32), and each trained weight's deployed copy, kept for backward;
+- **Robust_ state**: the update mask (1 byte) and the target's values (weight bytes) per trained
+  weight, and the last ``robust_nullspace`` retain gradients (fp32) of the masked ones (``robust_topk``
+  of them). The null-space step takes the forget term's gradient first (its forward and backward, then
+  freed) and keeps only the retain stream for the backward: the kept activations and logits are the
+  retain stream's, and the forget phase (one stream, the views' whole forget gradients) is the other
+  candidate for the peak. ``robust_qat`` adds its parametrizations' target values (fp32), mask and
+  target codes (int32), and each trained weight's deployed copy, kept for backward;
   ``robust_prune_view`` adds the pruned copies of the frozen decoder linears, the kept mask of the
-  trained ones and their pruned deployed copy, and keeps both views' activations and logits until the
-  one backward. These terms are counted from the code, not measured (``evals/plan_check.py`` does not
-  run the robust step); ``robust_relearn_view`` is not counted.
+  trained ones and their pruned deployed copy, and keeps both views' retain activations and logits
+  until the one backward. Measured with ``evals/plan_check.py``, which runs the training loop's robust
+  step; ``robust_relearn_view`` is not counted.
 - **activations** per token and decoder layer, what autograd keeps for backward in transformers' Llama
   with SDPA attention: each RMSNorm's fp32 input and, when its weight trains, its normalised copy; the
   inputs of the trained linears (normed, the attention output's transposed copy, normed, the MLP
@@ -187,11 +191,6 @@ def _adapted(shape: Shape, method: str, settings: dict) -> list[tuple[int, int]]
     return [io for n, io in shape.linears.items() if n.rsplit(".", 1)[-1] in targets]
 
 
-def streams(method: str, settings: dict) -> int:
-    """Batches of rows in one step: forget, retain (when the method has a retain term), refusals (IdkDPO)."""
-    return len(stream_kinds(method, settings))
-
-
 def needs_reference(method: str, settings: dict) -> bool:
     from .methods import METHODS, split_method
     from .methods.losses import NEEDS_REFERENCE
@@ -266,8 +265,16 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
             ref = shape.params * 4
     out["reference"] = ref
     wrapper, base = split_method(method)
-    out["robust_state"] = T * (1 + 4 + 4 * int(settings.get("robust_nullspace", 0))) if wrapper == "Robust" else 0
-    qat = wrapper == "Robust" and bool(settings.get("robust_qat")) and not lora
+    robust = wrapper == "Robust" and not lora  # LoRA: the adapters train with the plain step
+    kinds = stream_kinds(method, settings)
+    # the null-space step (robust_nullspace > 0, a retain term): the forget term's forward and gradient
+    # run first and are freed; only the retain stream's activations and logits are kept for the backward
+    split = robust and int(settings.get("robust_nullspace", 0)) > 0 and len(kinds) > 1
+    kept_streams = 1 if split else len(kinds)
+    out["robust_state"] = 0.0
+    if robust:  # the mask, the target's values, the last robust_nullspace retain gradients of the masked weights
+        out["robust_state"] = T * (1 + wb + 4 * int(settings.get("robust_nullspace", 0)) * float(settings["robust_topk"]))
+    qat = robust and bool(settings.get("robust_qat"))
     views = 2 if qat and float(settings.get("robust_prune_view") or 0) > 0 else 1
     deployed_kept = 0.0  # robust_qat: each view's deployed copy of the trained weights, kept for backward
     if qat:
@@ -276,7 +283,7 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
         if views == 2:  # PrunedView: pruned copies of the frozen decoder linears, the trained ones' kept mask
             out["robust_state"] += max(shape.linear_params - T, 0) * wb + T
     # activations
-    rows = setup.rows * streams(method, settings) * views
+    rows = setup.rows * kept_streams * views
     tokens = rows * setup.seq_len
     layers = shape.layers
     if base == "RMU":  # the loss at rmu_layer, only rmu_params train: layers from the first trained one to it
@@ -307,18 +314,27 @@ def plan_method(shape: Shape, method: str, settings: dict, setup: Setup) -> dict
         head_grad = 0.0
     else:
         one = setup.rows * (setup.scored_len or setup.seq_len) * shape.vocab * 4
-        kinds = stream_kinds(method, settings)
-        kept = sum(k for k, _ in kinds)
+        held = kinds[-kept_streams:]  # split: the retain stream only
+        kept = sum(k for k, _ in held)
         kept *= views  # robust_prune_view: the full model's streams and the pruned view's, one backward
-        out["logits"] = one * max(kept + 2, kept - kinds[-1][0] + kinds[-1][1])  # backward start | last forward
+        out["logits"] = one * max(kept + 2, kept - held[-1][0] + held[-1][1])  # backward start | last forward
         head_grad = shape.head_params * (out["gradients"] / T if T else 0) if full_ft else 0.0
     # a layer's backward: the gradients of the MLP's product, SiLU, up and gate and of two hidden states
-    out["backward_transient"] = setup.rows * streams(method, settings) * setup.seq_len * \
+    out["backward_transient"] = setup.rows * kept_streams * setup.seq_len * \
         (3 * shape.mlp + 2 * shape.hidden) * compute
     resident = out["weights"] + ref + out["optimizer"] + out["robust_state"]
     # the logits' phase (last forward, start of backward) and the layers' phase of backward come one after
     # the other, each on top of the kept activations
     backward = acts + head_grad + max(out["logits"], recompute + out["backward_transient"])
+    if split and base != "RMU":  # the forget phase, one view at a time: that view's stream, its logits and
+        # its backward, the earlier views' whole gradients and the one being taken
+        fk, nf = kinds[:-1], len(kinds) - 1
+        fkept = sum(k for k, _ in fk)
+        f_logits = one * max(fkept + 2, fkept - fk[-1][0] + fk[-1][1])
+        f_phase = acts / views * nf + max(f_logits, (recompute / views + out["backward_transient"]) * nf) + \
+            T * wb * views
+        out["forget_phase"] = f_phase
+        backward = max(backward, f_phase)
     step = out["gradients"] + step_tmp
     out["step_peak"] = max(backward, step)
     out["peak"] = resident + out["step_peak"]

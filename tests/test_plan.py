@@ -75,9 +75,13 @@ def test_robust_options_add_their_state_and_keep_to_the_launches_they_run_under(
     view, relearn = _settings(robust_qat=True, robust_prune_view=0.3), _settings(robust_qat=True, robust_relearn_view=3e-4)
     p0, p1, p2 = (plan_method(shape, "Robust_GradDiff", s, base) for s in (off, qat, view))
     T = p0["trained_params"]
-    assert p1["robust_state"] - p0["robust_state"] == T * 9  # fp32 target values, mask, int32 target codes
+    sure = plan_method(shape, "SURE_GradDiff", off, base)
+    # the null-space step keeps the retain stream only: half SURE_'s activations on the same modules
+    assert p0["activations"] == pytest.approx(sure["activations"] / 2)
+    assert p0["robust_state"] == pytest.approx(T * (1 + 4 + 4 * off["robust_nullspace"] * off["robust_topk"]))
+    assert p1["robust_state"] - p0["robust_state"] == pytest.approx(T * 9)  # fp32 target values, mask, int32 codes
     assert p1["activations"] - p0["activations"] == T * 4  # the deployed copy kept for backward
-    assert p2["robust_state"] - p1["robust_state"] == (shape.linear_params - T) * 4 + T
+    assert p2["robust_state"] - p1["robust_state"] == pytest.approx((shape.linear_params - T) * 4 + T)
     assert p2["activations"] > 2 * p0["activations"] and p2["logits"] > p1["logits"]
     launches = {s: {(c.gpus, c.zero, c.checkpointing) for c in candidates(base, 4, "Robust_GradDiff", st)}
                 for s, st in (("off", off), ("qat", qat), ("view", view), ("relearn", relearn))}
@@ -88,13 +92,14 @@ def test_robust_options_add_their_state_and_keep_to_the_launches_they_run_under(
 
 def test_plan_is_within_15_percent_of_the_measured_peak_on_the_tiny_model(tmp_path):
     """evals/plan_check.py runs three steps per configuration in a fresh process (GradDiff fp32 and bf16,
-    NPO fp32 with its reference, LoRA GradDiff) and compares the peak with the plan's."""
+    NPO fp32 with its reference, LoRA GradDiff, Robust_GradDiff's step with its shipped robust_qat and
+    robust_prune_view) and compares the peak with the plan's."""
     out = tmp_path / "rows.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(REPO / "evals" / "plan_check.py"), "--only", "0,1,3,7", "--json", str(out)],
+    subprocess.run([sys.executable, str(REPO / "evals" / "plan_check.py"), "--only", "0,1,3,7,9", "--json", str(out)],
                    check=True, env=env, capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())
-    assert len(rows) == 4
+    assert len(rows) == 5
     for r in rows:
         assert abs(r["planned"] / r["measured"] - 1) <= 0.15, r
 
