@@ -115,3 +115,22 @@ def test_collapsed_and_last_good_runs_are_listed_and_counted(study_dir):
     assert "| SimNPO | 2 | collapsed, nothing saved | – | – | – | – | 0.110 | **no** | – |" in text
     assert "| GradDiff (last good state) | 2 | 0.050 |" in text
     assert "| SimNPO | 1 (1 collapsed) | – | – | – | – | 0/1 | 0/1 |" in text
+
+
+def test_degenerate_answers_counts_repeated_words_in_stored_generations(tmp_path):
+    """evals/degenerate_answers.py reads RUN/stats/*.json and counts answers with a word three times in a row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stats = tmp_path / "forget01" / "seed2" / "stats"
+    stats.mkdir(parents=True)
+    gens = {"q1": "It is by French French French author.", "q2": "It is by Victor Hugo.",
+            "q3": "the the, THE end", "q4": "French author, French novel, French"}
+    (stats / "m-abc-def.json").write_text(json.dumps({"forget": {"prob": [0.1], "generations": gens},
+                                                     "retain": {"prob": [0.9], "generations": {"q": "Fine."}}}))
+    script = Path(__file__).resolve().parents[1] / "evals" / "degenerate_answers.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| forget01/seed2 | m-abc-def | 2/4 | 0/1 |" in out
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no stats" in bad.stderr
