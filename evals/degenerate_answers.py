@@ -44,9 +44,10 @@ def main() -> None:
         d = json.loads(f.read_text())
         cells = {}
         for name, s in d.items():
-            if isinstance(s, dict) and answers(s):
-                texts = [str(t) for t in answers(s).values()]
-                cells[name] = (sum(degenerate(t) for t in texts), len(texts), [t for t in texts if degenerate(t)])
+            texts = [str(t) for t in answers(s).values()] if isinstance(s, dict) else []
+            if texts:
+                bad = [t for t in texts if degenerate(t)]
+                cells[name] = (len(bad), len(texts), bad)
                 if name not in splits:
                     splits.append(name)
         rows.append((f.parent.parent.relative_to(a.directory), f.stem, cells))

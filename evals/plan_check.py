@@ -158,10 +158,7 @@ def measure(job: dict, args) -> dict:
         g = torch.Generator().manual_seed(0)
         lin = linear_weights(model)
         masks = {n: torch.rand(lin[n].shape, generator=g).to(device) < float(st["robust_topk"]) for n in salient}
-        proto = SparseUpdate(model, masks, nullspace=st["robust_nullspace"], floor=st["robust_floor"],
-                             floor_margin=st["robust_floor_margin"], floor_every=st["robust_floor_every"],
-                             qat=st["robust_qat"], prune_view=st["robust_prune_view"],
-                             relearn_view=st["robust_relearn_view"])
+        proto = SparseUpdate.robust(model, masks, st)
         proto.start()
     if ckpt:
         from robust_unlearn.train import set_checkpointing

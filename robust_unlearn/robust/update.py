@@ -70,6 +70,15 @@ class SparseUpdate(Step):
         for p in self.params.values():
             p.requires_grad_(True)
 
+    @classmethod
+    def robust(cls, model, masks: dict[str, torch.Tensor], settings: dict, retain: bool = True) -> "SparseUpdate":
+        """Robust_'s update from a method's settings (the ``robust_*`` keys); without a retain stream, no
+        null-space step."""
+        return cls(model, masks, nullspace=settings["robust_nullspace"] if retain else 0,
+                   floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"],
+                   floor_every=settings["robust_floor_every"], qat=settings["robust_qat"],
+                   prune_view=settings["robust_prune_view"], relearn_view=settings["robust_relearn_view"])
+
     @property
     def split_grads(self) -> bool:
         """Whether the loop must back-propagate the forget and retain terms separately."""
@@ -455,10 +464,7 @@ def plan_update(model, objective, datasets: dict, settings: dict, robust: bool, 
             fisher = retain_fisher(model, objective.retain_nll, loader("retain"), salient)
         masks, stats = build_masks(model, salient, attribution, settings["robust_topk"], fisher,
                                    settings["robust_fisher_exclude"], settings["robust_prune_aware"])
-        update = SparseUpdate(model, masks, nullspace=settings["robust_nullspace"] if "retain" in datasets else 0,
-                              floor=settings["robust_floor"], floor_margin=settings["robust_floor_margin"],
-                              floor_every=settings["robust_floor_every"], qat=settings["robust_qat"],
-                              prune_view=settings["robust_prune_view"], relearn_view=settings["robust_relearn_view"])
+        update = SparseUpdate.robust(model, masks, settings, retain="retain" in datasets)
     stats["salient"] = salient
     stats["saliency_top"] = sorted(saliency.items(), key=lambda kv: -kv[1])[:10]
     log.info("update plan: %d salient modules, %d weights to update", stats["salient_modules"], stats["updated_params"])
