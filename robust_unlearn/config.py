@@ -132,6 +132,9 @@ DEFAULTS: dict[str, Any] = {
         "stop_every": 4,           # check it (and the collapse guard) every this many steps
         "collapse_floor": 0.8,     # stop when retain probability < this x the target's (None: no guard);
                                    # the last state above it is saved, labelled, or nothing
+        "collapse_answers": 8,     # also greedy-answer the first N questions of retain, real_authors and
+                                   # world_facts: their distinct-bigram share < collapse_floor x the
+                                   # target's (looping answers) trips the guard too (0: retain prob only)
         # SURE_<base> / Robust_<base> (robust_unlearn.robust): modules at or above this percentile of
         # forget-gradient norm train (Zhang et al. 2024: 90 / 95 / 99)
         "sure_percentile": 90.0,
@@ -496,6 +499,7 @@ _SETTING_RANGES = {  # unlearn.<key> and unlearn.per_method.<method>.<key>
     "rmu_layer": _Range(whole=True),
     "stop_forget_prob": _Range(0, 1),
     "collapse_floor": _Range(0, 1, open_lo=True),
+    "collapse_answers": _Range(0, whole=True),
     "stop_every": _COUNT,
     "sure_percentile": _Range(0, 100, open_hi=True),
     "robust_topk": _FRACTION,

@@ -6,12 +6,27 @@ projection is skipped for system-prompt and question tokens: exact, and cheaper 
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data.collate import IGNORE
+
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def distinct_bigram_share(text: str) -> float:
+    """1 - seq-rep-2 of one generated text: the share of its word bigrams that are distinct (Welleck et
+    al. 2020, "Neural Text Generation with Unlikelihood Training", ICLR, Sec. 5: seq-rep-n = 1 - |unique
+    n-grams| / |n-grams|), over lowercased words and punctuation marks (a regex, not nltk's tokenizer:
+    its punkt data is not shipped offline). 1.0 when no bigram repeats; lower as an answer loops
+    ("French French author French French French author": 0.5). A text of fewer than three tokens
+    counts 1.0. The collapse guard's answer check and ``evals/degenerate_answers.py`` read it."""
+    words = _WORDS.findall(text.lower())
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
 
 
 def _accepts_logits_to_keep(model) -> bool:

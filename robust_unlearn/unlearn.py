@@ -13,7 +13,8 @@ Every ``stop_every`` steps two probes run: the forget answer probability (the ea
 or at a level the run measures itself: the retain oracle's forget probability or the target's on the
 holdout split, :class:`StopLevels`) and the retain answer probability (the collapse guard: below
 ``collapse_floor`` x the target's, training stops; the last state that passed is saved, labelled in
-its metadata, or nothing when none did). With ``runtime.checkpoint_every`` the training state is saved every N steps into a
+its metadata, or nothing when none did), with the greedy answers to a few questions of each utility
+split (``collapse_answers``: answers that loop trip it too). With ``runtime.checkpoint_every`` the training state is saved every N steps into a
 hidden sibling of the checkpoint directory, and a run started again resumes from it.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .ids import stable_hash
 from .lora import lora_enabled
 from .methods import NEEDS_REF, build_objective, check_method, objective_spec, split_method
 from .models import load_model, read_metadata, save_model
-from .scoring import qa_mean_nll
+from .scoring import distinct_bigram_share, qa_mean_nll, qa_pass
 from .train import precision_ran, train
 from .weight_stats import update_stats
 
@@ -177,7 +178,10 @@ class SharedReference:
 SPEC_NEUTRAL = ("gradient_checkpointing",)
 # settings added after checkpoints were cached: at these values (off) they are left out of the key, so
 # every checkpoint trained before them keeps its key
-SPEC_OFF = {"stop_under": [], "robust_qat": False, "robust_prune_view": 0.0, "min_steps": 0, "robust_relearn_view": 0.0}
+SPEC_OFF = {"stop_under": [], "robust_qat": False, "robust_prune_view": 0.0, "min_steps": 0, "robust_relearn_view": 0.0,
+            "collapse_answers": 0}
+# the splits whose greedy answers the collapse guard reads (``collapse_answers``), where the benchmark has them
+GUARD_ANSWER_SPLITS = ("retain", "real_authors", "world_facts")
 
 
 def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = None):
@@ -199,6 +203,27 @@ def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = Non
         return float(np.exp(-qa_mean_nll(m, fmt, pairs, cfg["eval"]["batch_size"])).mean())
 
     return prob
+
+
+def answer_distinct_probe(cfg: dict, bench, tok, n: int):
+    """-> model -> {split: mean distinct-bigram share (``scoring.distinct_bigram_share``) of the greedy
+    answers to the first ``n`` questions of each of ``GUARD_ANSWER_SPLITS`` the benchmark has}, generated
+    as the evaluation generates them (``eval.max_new_tokens``, one pass). None when ``n`` is 0 or the
+    benchmark is raw text (no questions to answer)."""
+    if not n or is_text_benchmark(cfg):
+        return None
+    questions = {s: [r["question"] for r in bench[s].select(range(min(n, len(bench[s]))))]
+                 for s in GUARD_ANSWER_SPLITS if _has_rows(bench, s)}
+    if not questions:
+        return None
+    fmt = formatter_for(tok, cfg)
+    every = list(dict.fromkeys(q for qs in questions.values() for q in qs))
+
+    def shares(m):
+        text = qa_pass(m, fmt, [], every, cfg["eval"]["batch_size"], cfg["eval"]["max_new_tokens"])[1]
+        return {s: float(np.mean([distinct_bigram_share(text.get(q, "")) for q in qs])) for s, qs in questions.items()}
+
+    return shares
 
 
 class StopLevels:
@@ -442,18 +467,26 @@ class StopUnder:
 
 class CollapseGuard:
     """The retain answer probability, probed with the early stop, against ``collapse_floor`` x the
-    target's (measured on the model before its first step). The trained tensors of the last probe
-    that passed are kept on the CPU; when a probe fails, training stops and :meth:`restore` puts that
-    state back (None when no probe passed: nothing may be saved). Under ZeRO-3 the tensors are
-    partitioned and nothing is kept: a trip saves nothing."""
+    target's (measured on the model before its first step); with ``collapse_answers`` also the greedy
+    answers to a few questions of each utility split (:func:`answer_distinct_probe`): a split whose
+    distinct-bigram share falls below ``collapse_floor`` x the target's is a model that loops instead of
+    answering, which the retain probability does not see (TOFU seed 2: "French French author French
+    ..." at retain probability 0.963). The trained tensors of the last probe that passed are kept on
+    the CPU; when a probe fails, training stops and :meth:`restore` puts that state back (None when no
+    probe passed: nothing may be saved). Under ZeRO-3 the tensors are partitioned and nothing is kept:
+    a trip saves nothing, and the answer check is skipped (greedy answers of different lengths on
+    different processes would desynchronise the gathers)."""
 
-    def __init__(self, probe, floor: float, target_prob: float):
+    def __init__(self, probe, floor: float, target_prob: float, answers=None, target_answers: dict | None = None):
         self.probe, self.fraction, self.target_prob = probe, floor, target_prob
         self.floor = floor * target_prob
+        self.answers, self.target_answers = answers, dict(target_answers or {})
         self.good: dict[str, torch.Tensor] | None = None
         self.good_step = 0
         self.tripped: tuple[int, float] | None = None
+        self.tripped_answers: tuple[str, float] | None = None  # (split, distinct share) when answers tripped it
         self.last: float | None = None
+        self.last_answers: dict[str, float] | None = None
 
     @classmethod
     def for_run(cls, cfg: dict, bench, tok, settings: dict, model, method: str) -> "CollapseGuard | None":
@@ -463,13 +496,25 @@ class CollapseGuard:
         if probe is None:
             log.warning("%s: no retain split to probe: the collapse guard is off", method)
             return None
+        answers = answer_distinct_probe(cfg, bench, tok, int(settings.get("collapse_answers") or 0))
         was = model.training
         model.eval()
-        guard = cls(probe, settings["collapse_floor"], probe(model))
+        guard = cls(probe, settings["collapse_floor"], probe(model), answers, answers(model) if answers else None)
         model.train(was)
-        log.info("%s: collapse guard at retain probability %.3f (%g x the target's %.3f)", method, guard.floor,
-                 settings["collapse_floor"], guard.target_prob)
+        log.info("%s: collapse guard at retain probability %.3f (%g x the target's %.3f)%s", method, guard.floor,
+                 settings["collapse_floor"], guard.target_prob,
+                 "" if not guard.target_answers else "; answers' distinct-bigram share " + ", ".join(
+                     f"{s} {v:.3f}" for s, v in guard.target_answers.items()) + " (the target's)")
         return guard
+
+    def _answers_trip(self, model) -> tuple[str, float] | None:
+        if self.answers is None or any(hasattr(t, "ds_id") for t in model.parameters()):
+            return None
+        got = self.last_answers = self.answers(model)
+        for split, v in got.items():
+            if v < self.fraction * self.target_answers.get(split, 0.0):
+                return split, v
+        return None
 
     def passes(self, model, step: int, keep: bool = True) -> bool:
         """Probe ``model``; below the floor -> False (and the trip is recorded); else True, and with
@@ -477,9 +522,10 @@ class CollapseGuard:
         was = model.training
         model.eval()
         p = self.last = self.probe(model)
+        answers = None if p < self.floor else self._answers_trip(model)
         model.train(was)
-        if p < self.floor:
-            self.tripped = (step, p)
+        if p < self.floor or answers is not None:
+            self.tripped, self.tripped_answers = (step, p), answers
             return False
         if not keep:
             return True
@@ -504,14 +550,24 @@ class CollapseGuard:
         what = (f"saved its last good state (step {self.good_step}) as {saved}, labelled as such" if saved
                 else "nothing was saved")
         when = f"after {after} (step {step})" if after else f"at step {step}"
+        if self.tripped_answers is not None:
+            split, v = self.tripped_answers
+            t = self.target_answers[split]
+            return (f"{method}: collapsed {when}: its greedy answers to {split} questions loop (distinct-bigram "
+                    f"share {v:.3f} fell below the collapse floor {self.fraction * t:.3f}, {self.fraction:g} x the "
+                    f"target's {t:.3f}; retain probability {p:.3f}); stopped, {what}")
         return (f"{method}: collapsed {when}: retain probability {p:.3f} fell below the collapse floor "
                 f"{self.floor:.3f} ({self.fraction:g} x the target's {self.target_prob:.3f}); stopped, {what}")
 
     def summary(self) -> dict:
         out = {"collapse_floor": self.fraction, "target_retain_prob": self.target_prob, "floor": self.floor,
                "last_retain_prob": self.last}
+        if self.target_answers:
+            out.update(target_distinct_bigrams=self.target_answers, last_distinct_bigrams=self.last_answers)
         if self.tripped is not None:
             out.update(tripped_at_step=self.tripped[0], tripped_retain_prob=self.tripped[1], kept_step=self.good_step)
+            if self.tripped_answers is not None:
+                out.update(tripped_split=self.tripped_answers[0], tripped_distinct_bigrams=self.tripped_answers[1])
         return out
 
 

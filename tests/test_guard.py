@@ -10,7 +10,7 @@ from conftest import run_cli
 from robust_unlearn.config import load_recipe
 from robust_unlearn.errors import TrainingCollapsed, UserError
 from robust_unlearn.models import load_model, read_metadata
-from robust_unlearn.unlearn import StopLevels, answer_prob_probe, unlearn
+from robust_unlearn.unlearn import GUARD_ANSWER_SPLITS, StopLevels, answer_distinct_probe, answer_prob_probe, unlearn
 
 # Robust_GradDiff with its retain protection off (no retain term, no Fisher exclusion, no null space)
 # and a large lr: it destroys the retain answers within a few steps
@@ -47,7 +47,7 @@ def test_collapse_with_no_good_state_stops_with_one_line_and_saves_nothing(tiny,
 
 def test_collapse_after_good_steps_saves_the_last_good_state_labelled(tiny, tmp_path, caplog):
     cfg = _cfg(tiny, COLLAPSE + ["unlearn.stop_every=1", "unlearn.per_method.Robust_GradDiff.lr=0.005",
-                                 "unlearn.per_method.Robust_GradDiff.steps=30"])
+                                 "unlearn.per_method.Robust_GradDiff.steps=30", "unlearn.collapse_answers=0"])
     with caplog.at_level("WARNING", logger="robust_unlearn"):
         ckpt = unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
     meta = read_metadata(ckpt)
@@ -61,6 +61,28 @@ def test_collapse_after_good_steps_saves_the_last_good_state_labelled(tiny, tmp_
     # what was saved is above the floor (the state of the last passing probe), not the collapsed end
     assert _retain_prob(cfg, tiny.bench, ckpt) >= g["floor"] - 1e-4
     assert g["tripped_retain_prob"] < g["floor"]
+
+
+def test_looping_answers_at_a_good_retain_probability_stop_the_run_and_save_the_last_good_state(tiny, tmp_path, caplog):
+    """On the tiny target, with its retain protection off and a small lr, the answers to real_authors
+    questions start to loop while the retain probability stays at the target's (the TOFU seed 2 failure
+    in small): the answer check trips, and what is saved is the last state whose answers passed."""
+    cfg = _cfg(tiny, COLLAPSE + ["unlearn.stop_every=1", "unlearn.per_method.Robust_GradDiff.lr=0.001",
+                                 "unlearn.per_method.Robust_GradDiff.steps=30"])
+    with caplog.at_level("WARNING", logger="robust_unlearn"):
+        ckpt = unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
+    meta = read_metadata(ckpt)
+    g = meta["collapse_guard"]
+    assert g["tripped_split"] in GUARD_ANSWER_SPLITS and g["tripped_at_step"] > g["kept_step"] >= 1, g
+    assert g["tripped_retain_prob"] >= g["floor"]  # the retain probability alone would have gone on
+    split = g["tripped_split"]
+    assert g["tripped_distinct_bigrams"] < 0.8 * g["target_distinct_bigrams"][split]
+    assert meta["state"].startswith(f"last good state (step {g['kept_step']})")
+    lines = [r.getMessage() for r in caplog.records if "collapsed at step" in r.getMessage()]
+    assert len(lines) == 1 and f"its greedy answers to {split} questions loop" in lines[0] and "labelled as such" in lines[0]
+    model, tok = load_model(str(ckpt))
+    shares = answer_distinct_probe(cfg, tiny.bench, tok, 8)(model)
+    assert all(shares[s] >= 0.8 * v - 1e-9 for s, v in g["target_distinct_bigrams"].items()), shares
 
 
 def test_unlearn_command_reports_a_collapse_in_one_line_exit_2(tiny, tmp_path):
@@ -78,6 +100,9 @@ def test_guard_off_by_null_and_quiet_when_utility_holds(tiny, tmp_path):
     meta = read_metadata(unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "GradDiff", tmp_path))
     g = meta["collapse_guard"]
     assert "tripped_at_step" not in g and "state" not in meta and g["last_retain_prob"] >= g["floor"]
+    # the answer check (collapse_answers, default 8) ran on every utility split the benchmark has
+    assert set(g["target_distinct_bigrams"]) == {s for s in GUARD_ANSWER_SPLITS if s in tiny.bench}
+    assert all(g["last_distinct_bigrams"][s] >= 0.5 * v for s, v in g["target_distinct_bigrams"].items())
     meta = read_metadata(unlearn(_cfg(tiny, []), tiny.bench, tiny.target, tiny.target_key, "GradDiff", tmp_path / "off"))
     assert "collapse_guard" not in meta
 
@@ -124,6 +149,43 @@ def test_guard_restores_exactly_the_kept_tensors():
     assert not g.passes(m, 8) and g.tripped == (8, 0.1)
     assert g.restore(m) == 4
     assert all(torch.equal(p, kept[n]) for n, p in m.named_parameters())
+
+
+def test_distinct_bigram_share_by_hand():
+    from robust_unlearn.scoring import distinct_bigram_share as d
+
+    assert d("French French author French French French author") == 0.5  # 6 bigrams, 3 distinct
+    assert d("It is by Victor Hugo.") == 1.0 and d("Paris") == 1.0 and d("") == 1.0
+    assert d("the the the the") == pytest.approx(1 / 3)  # (the, the) three times
+    assert d("A, b, a, B") == pytest.approx(4 / 6)  # case folded: (a ,) (, b) twice each
+
+
+def test_guard_trips_on_looping_answers_at_a_good_retain_probability():
+    """Retain probability holds (0.95 of 1.0) while real_authors' answers start to loop: the answer
+    check trips, names the split, and the state of the last passing probe is what restore puts back."""
+    from robust_unlearn.unlearn import CollapseGuard
+
+    m = torch.nn.Linear(3, 2)
+    shares = iter([{"retain": 0.99, "real_authors": 0.95}, {"retain": 0.97, "real_authors": 0.60}])
+    g = CollapseGuard(lambda model: 0.95, 0.8, 1.0, answers=lambda model: next(shares),
+                      target_answers={"retain": 1.0, "real_authors": 0.98})
+    assert g.passes(m, 4)
+    kept = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    assert not g.passes(m, 8)
+    assert g.tripped == (8, 0.95) and g.tripped_answers == ("real_authors", 0.60)
+    assert g.restore(m) == 4 and all(torch.equal(p, kept[n]) for n, p in m.named_parameters())
+    line = g.line("Robust_GradDiff", saved="ckpt")
+    assert line == ("Robust_GradDiff: collapsed at step 8: its greedy answers to real_authors questions loop "
+                    "(distinct-bigram share 0.600 fell below the collapse floor 0.784, 0.8 x the target's 0.980; "
+                    "retain probability 0.950); stopped, saved its last good state (step 4) as ckpt, labelled as such")
+    s = g.summary()
+    assert s["tripped_split"] == "real_authors" and s["tripped_distinct_bigrams"] == 0.60 and s["kept_step"] == 4
+    # a retain-probability trip does not generate at all
+    g2 = CollapseGuard(lambda model: 0.1, 0.8, 1.0, answers=lambda model: pytest.fail("generated"),
+                       target_answers={"retain": 1.0})
+    assert not g2.passes(m, 4) and g2.tripped_answers is None and "retain probability 0.100 fell" in g2.line("X", None)
 
 
 def test_a_floor_that_collapses_the_model_saves_nothing(tiny, tmp_path, monkeypatch):
@@ -213,7 +275,7 @@ def test_a_restored_state_that_the_final_floor_collapses_is_not_saved_nor_claime
 
     monkeypatch.setattr(update.SparseUpdate, "finish", wrecking_finish)
     cfg = _cfg(tiny, COLLAPSE + ["unlearn.stop_every=1", "unlearn.per_method.Robust_GradDiff.lr=0.005",
-                                 "unlearn.per_method.Robust_GradDiff.steps=30"])
+                                 "unlearn.per_method.Robust_GradDiff.steps=30", "unlearn.collapse_answers=0"])
     with caplog.at_level("WARNING", logger="robust_unlearn"), pytest.raises(TrainingCollapsed) as exc:
         unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path)
     line = str(exc.value)

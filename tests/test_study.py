@@ -118,7 +118,8 @@ def test_collapsed_and_last_good_runs_are_listed_and_counted(study_dir):
 
 
 def test_degenerate_answers_counts_repeated_words_in_stored_generations(tmp_path):
-    """evals/degenerate_answers.py reads RUN/stats/*.json and counts answers with a word three times in a row."""
+    """evals/degenerate_answers.py reads RUN/stats/*.json and counts answers with a word three times in a row,
+    with their mean distinct-bigram share."""
     import subprocess
     import sys
     from pathlib import Path
@@ -131,6 +132,7 @@ def test_degenerate_answers_counts_repeated_words_in_stored_generations(tmp_path
                                                      "retain": {"prob": [0.9], "generations": {"q": "Fine."}}}))
     script = Path(__file__).resolve().parents[1] / "evals" / "degenerate_answers.py"
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
-    assert "| forget01/seed2 | m-abc-def | 2/4 | 0/1 |" in out
+    # distinct-bigram shares: 6/7, 1, 1 ("the the , the end": no bigram twice), 5/6 -> 0.923; "Fine." 1
+    assert "| forget01/seed2 | m-abc-def | 2/4 (0.923) | 0/1 (1.000) |" in out
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no stats" in bad.stderr
