@@ -191,9 +191,7 @@ def answer_prob_probe(cfg: dict, bench, tok, split: str, limit: int | None = Non
     empty."""
     if not _has_rows(bench, split):
         return None
-    rows = bench[split]
-    if limit is not None and len(rows) > limit:
-        rows = rows.select(range(limit))
+    rows = _head(bench[split], limit)
     if is_text_benchmark(cfg):
         return _text_forget_prob(dataset_for(cfg, rows, tok), cfg["eval"]["batch_size"])
     fmt = formatter_for(tok, cfg)
@@ -212,8 +210,7 @@ def answer_distinct_probe(cfg: dict, bench, tok, n: int):
     benchmark is raw text (no questions to answer)."""
     if not n or is_text_benchmark(cfg):
         return None
-    questions = {s: [r["question"] for r in bench[s].select(range(min(n, len(bench[s]))))]
-                 for s in GUARD_ANSWER_SPLITS if _has_rows(bench, s)}
+    questions = {s: [r["question"] for r in _head(bench[s], n)] for s in GUARD_ANSWER_SPLITS if _has_rows(bench, s)}
     if not questions:
         return None
     fmt = formatter_for(tok, cfg)
@@ -260,6 +257,11 @@ class StopLevels:
 
 def _has_rows(bench, split: str) -> bool:
     return split in bench and len(bench[split]) > 0
+
+
+def _head(rows, n: int | None):
+    """The first ``n`` rows of a split (all of them when ``n`` is None or not smaller)."""
+    return rows if n is None or len(rows) <= n else rows.select(range(n))
 
 
 def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir: Path,
@@ -474,13 +476,14 @@ class CollapseGuard:
     ..." at retain probability 0.963). The trained tensors of the last probe that passed are kept on
     the CPU; when a probe fails, training stops and :meth:`restore` puts that state back (None when no
     probe passed: nothing may be saved). Under ZeRO-3 the tensors are partitioned and nothing is kept:
-    a trip saves nothing, and the answer check is skipped (greedy answers of different lengths on
-    different processes would desynchronise the gathers)."""
+    a trip saves nothing, and :meth:`for_run` leaves the answer check off (greedy answers of different
+    lengths on different processes would desynchronise the gathers)."""
 
     def __init__(self, probe, floor: float, target_prob: float, answers=None, target_answers: dict | None = None):
         self.probe, self.fraction, self.target_prob = probe, floor, target_prob
         self.floor = floor * target_prob
         self.answers, self.target_answers = answers, dict(target_answers or {})
+        self.answer_floors = {s: floor * v for s, v in self.target_answers.items()}
         self.good: dict[str, torch.Tensor] | None = None
         self.good_step = 0
         self.tripped: tuple[int, float] | None = None
@@ -496,7 +499,11 @@ class CollapseGuard:
         if probe is None:
             log.warning("%s: no retain split to probe: the collapse guard is off", method)
             return None
-        answers = answer_distinct_probe(cfg, bench, tok, int(settings.get("collapse_answers") or 0))
+        n_answers = int(settings.get("collapse_answers") or 0)
+        if n_answers and zero3_active():
+            log.info("%s: the collapse guard's answer check is skipped under ZeRO-3", method)
+            n_answers = 0
+        answers = answer_distinct_probe(cfg, bench, tok, n_answers)
         was = model.training
         model.eval()
         guard = cls(probe, settings["collapse_floor"], probe(model), answers, answers(model) if answers else None)
@@ -508,13 +515,10 @@ class CollapseGuard:
         return guard
 
     def _answers_trip(self, model) -> tuple[str, float] | None:
-        if self.answers is None or any(hasattr(t, "ds_id") for t in model.parameters()):
+        if self.answers is None:
             return None
         got = self.last_answers = self.answers(model)
-        for split, v in got.items():
-            if v < self.fraction * self.target_answers.get(split, 0.0):
-                return split, v
-        return None
+        return next(((split, v) for split, v in got.items() if v < self.answer_floors[split]), None)
 
     def passes(self, model, step: int, keep: bool = True) -> bool:
         """Probe ``model``; below the floor -> False (and the trip is recorded); else True, and with
@@ -552,10 +556,9 @@ class CollapseGuard:
         when = f"after {after} (step {step})" if after else f"at step {step}"
         if self.tripped_answers is not None:
             split, v = self.tripped_answers
-            t = self.target_answers[split]
             return (f"{method}: collapsed {when}: its greedy answers to {split} questions loop (distinct-bigram "
-                    f"share {v:.3f} fell below the collapse floor {self.fraction * t:.3f}, {self.fraction:g} x the "
-                    f"target's {t:.3f}; retain probability {p:.3f}); stopped, {what}")
+                    f"share {v:.3f} fell below the collapse floor {self.answer_floors[split]:.3f}, {self.fraction:g} x "
+                    f"the target's {self.target_answers[split]:.3f}; retain probability {p:.3f}); stopped, {what}")
         return (f"{method}: collapsed {when}: retain probability {p:.3f} fell below the collapse floor "
                 f"{self.floor:.3f} ({self.fraction:g} x the target's {self.target_prob:.3f}); stopped, {what}")
 
