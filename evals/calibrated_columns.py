@@ -89,8 +89,7 @@ def main() -> None:
         c = cfg["sweep"]["calibration"]
         ccfg = load_recipe(str(run / "recipe.yaml"), [f"sweep.calibration.split={a.calibration_split}", "sweep.calibration.samples=64"])
         samples, source = calibration_samples(ccfg, bench, tok)
-        calib = Calibration(samples, source, cache_dir=run / "compressed", ckpt="target-evals",
-                            awq_n_grid=c["awq_n_grid"], gptq_dampening=c["gptq_dampening"])
+        calib = Calibration.of(c, samples, source, cache_dir=run / "compressed", ckpt="target-evals")
         n = sum(len(bench[x]) for x in held)
         print(f"\nwith calibration from {source}, NLL on {n} questions of {', '.join(held)}:")
         print("| model | NLL | vs fp32 |\n|---|---|---|")

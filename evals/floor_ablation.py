@@ -77,8 +77,7 @@ def measure(cfg, bench, model, tok, ckpt: Path, columns: list[str], out: Path) -
         if needs_calibration(col):
             samples, source = calibration_samples(cfg, bench, tok)
             c = cfg["sweep"]["calibration"]
-            ctx = Calibration(samples, source, cache_dir=out / "compressed", ckpt=ckpt.name,
-                              awq_n_grid=c["awq_n_grid"], gptq_dampening=c["gptq_dampening"])
+            ctx = Calibration.of(c, samples, source, cache_dir=out / "compressed", ckpt=ckpt.name)
         m = get_compression(col, ctx)(copy.deepcopy(model))
         probs[col] = [float(np.exp(-qa_mean_nll(m, fmt, [(r["question"], r["answer"]) for r in bench[s]],
                                                  cfg["eval"]["batch_size"])).mean()) for s in ("forget", "retain")]

@@ -2,7 +2,8 @@
 at the same group size, with RTN on the calibrated method's own grid and more calibration (issue 13's open line).
 
     python evals/gptq_vs_rtn.py TARGET_DIR --tofu ../shared/data/tofu [--method gptq|awq] [--group 64] \
-        [--samples 64] [--length 256]
+        [--samples 64] [--length 256] [--calibrations builtin,tofu] [recipe overrides, e.g.
+        sweep.calibration.awq_n_grid=20 sweep.calibration.awq_duo_scaling=false]
 
 Columns (all W4, group ``--group``, lm_head kept, the model evaluated in fp32):
 - ``rtn4-gG``: this project's RTN, Zhang et al.'s 17-level grid [-8, 8] x absmax / 8 (``quant/rtn.py``);
@@ -15,6 +16,8 @@ Columns (all W4, group ``--group``, lm_head kept, the model evaluated in fp32):
   ``train_target`` split (all of its text: 14 x 256 tokens);
 - ``gptq (TOFU retain)``: GPTQ on ``--samples`` x ``--length`` tokens of TOFU's retain90 QA pairs in the
   model's prompt format (the issue's 64 x 256).
+``--calibrations`` picks which of the last two run; the quantizers' settings (AWQ's ``n_grid`` and duo
+scaling, GPTQ's dampening) are the recipe's ``sweep.calibration``, overridable on the command line.
 Evaluated on the built-in holdout split (18 questions no model trained on) and on the first 200 pairs of
 TOFU's forget10 (text this model never saw, disjoint from retain90): mean answer NLL per question.
 """
@@ -39,7 +42,7 @@ from robust_unlearn.data import calibration_samples, load_benchmark  # noqa: E40
 from robust_unlearn.data.collate import formatter_for  # noqa: E402
 from robust_unlearn.models import load_model  # noqa: E402
 from robust_unlearn.quant import parse_format  # noqa: E402
-from robust_unlearn.quant.calibrated import Calibration, _args, _cpu_safe, _quiet, load_dequantized  # noqa: E402
+from robust_unlearn.quant.calibrated import QUANTIZER_KEYS, Calibration, _args, _cpu_safe, _quiet, load_dequantized  # noqa: E402
 from robust_unlearn.scoring import qa_pass  # noqa: E402
 
 
@@ -76,8 +79,10 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--length", type=int, default=256)
-    a = ap.parse_args()
-    cfg = load_recipe(None, [])
+    ap.add_argument("--calibrations", default="builtin,tofu", help="which calibrated columns: builtin, tofu")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides (sweep.calibration.*)")
+    a = ap.parse_intermixed_args()
+    cfg = load_recipe(None, a.overrides)
     bench = load_benchmark(cfg)
     model, tok = load_model(a.target)
     fmt = formatter_for(tok, cfg)
@@ -86,24 +91,27 @@ def main() -> None:
     tofu_eval = [(r["question"], r["answer"]) for r in read("forget10.json")[:200]]
     holdout = [(r["question"], r["answer"]) for r in bench["holdout"]]
     # calibration 1: the built-in benchmark's train_target split, as the sweep would take it
-    c1 = load_recipe(None, ["sweep.calibration.split=train_target", f"sweep.calibration.samples={a.samples}",
-                            f"sweep.calibration.length={a.length}"])
+    c1 = load_recipe(None, a.overrides + ["sweep.calibration.split=train_target", f"sweep.calibration.samples={a.samples}",
+                                          f"sweep.calibration.length={a.length}"])
     s1, src1 = calibration_samples(c1, bench, tok)
     # calibration 2: TOFU retain90 pairs in the model's prompt format, concatenated and cut
     stream = [t for r in read("retain90.json") for t in fmt.encode(r["question"], r["answer"])[0]]
     s2 = [stream[i * a.length:(i + 1) * a.length] for i in range(a.samples)]
     cal = cfg["sweep"]["calibration"]
-    kw = {"gptq_dampening": cal["gptq_dampening"], "awq_n_grid": cal["awq_n_grid"]}
+    which = set(a.calibrations.split(","))
     g = a.group
     fname = f"{a.method}4-g{g}"
     grid = "GPTQ's grid, symmetric" if a.method == "gptq" else "AWQ's grid, asymmetric"
     cols = [("fp32", lambda m: m),
             (f"rtn4-g{g} (17 levels)", lambda m: get_compression(f"rtn4-g{g}")(m)),
             (f"rtn-ct int4-g{g} ({grid})", lambda m: rtn_on_grid(m, fname)),
-            (f"{fname}, {src1}", lambda m: get_compression(fname, Calibration(s1, src1, **kw))(m)),
+            (f"{fname}, {src1}", lambda m: get_compression(fname, Calibration.of(cal, s1, src1))(m)),
             (f"{fname}, TOFU retain90 {len(s2)}x{a.length} tokens",
-             lambda m: get_compression(fname, Calibration(s2, "tofu retain90", **kw))(m))]
-    print(f"{a.target}; NLL per question: built-in holdout ({len(holdout)}), TOFU forget10 ({len(tofu_eval)})\n")
+             lambda m: get_compression(fname, Calibration.of(cal, s2, "tofu retain90"))(m))]
+    cols = cols[:3] + [c for c, k in zip(cols[3:], ("builtin", "tofu")) if k in which]
+    quantizer = {k: cal[k] for k in QUANTIZER_KEYS}
+    print(f"{a.target}; NLL per question: built-in holdout ({len(holdout)}), TOFU forget10 ({len(tofu_eval)}); "
+          f"{quantizer}\n")
     print("| column | holdout NLL | vs fp32 | TOFU forget10 NLL | vs fp32 | seconds |")
     print("|---|---|---|---|---|---|")
     base = None

@@ -188,6 +188,7 @@ DEFAULTS: dict[str, Any] = {
         # sees them (prompt + answer), concatenated and cut into `samples` rows of `length` tokens
         "calibration": {"split": "retain", "samples": 32, "length": 256,
                         "awq_n_grid": 10,       # AWQ's scale grid search points (~1.5 s each per layer group on 2 CPU cores)
+                        "awq_duo_scaling": True,  # AWQ's scales from activations and weights (false: activations only)
                         "gptq_dampening": 0.01},  # GPTQ's Hessian dampening fraction
         # relearn-retain / relearn-forget columns: optimizer steps of NLL fine-tuning from the checkpoint
         "relearn": {"steps": 10, "lr": 1.0e-4, "batch_size": 8, "precision": "fp32"},

@@ -5,8 +5,9 @@ leaves either none or all of them; a crash mid-write leaves at most a torn last 
 changes the file: a torn or unparseable line is skipped with a warning naming the file and line
 (``problems`` lists them) and every valid row, before or after it, is kept. The next append drops a
 torn last line (an unfinished write, never a row) before writing, so a new row is never glued onto it.
-Rows are keyed by (model, method, compression, split, metric, ckpt, eval): a re-run skips cells
-already there.
+Rows are keyed by (model, method, compression, split, metric, ckpt, eval) and a column's settings (a
+GPTQ / AWQ column's calibration, a relearn column's attack): a re-run skips cells already there, and a
+cell evaluated again with other settings adds rows, the newest of which ``latest`` reads.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ REQUIRED = ("model", "method", "compression", "metric", "value")  # what a repor
 
 
 def row_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in KEY)
+    settings = row.get("settings")
+    return tuple(row.get(k) for k in KEY) + ((json.dumps(settings, sort_keys=True),) if settings else ())
 
 
 class Ledger:

@@ -110,7 +110,19 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
                 ref = oracle_ref
             key = (label, ckpt_id, eval_id, comp)
             sp = stats_path(run_dir, label, ckpt_id, eval_id, comp)
-            done = [r for r in ledger.rows() if (r["model"], r["ckpt"], r["eval"], r["compression"]) == key]
+            context, settings = None, None  # a GPTQ / AWQ / relearn column's settings: part of what a cell is
+            if needs_calibration(comp):
+                if calibration is None:
+                    calibration = _calibration(cfg, bench, _tokenizer(path, cfg), run_dir)
+                calibration.ckpt = f"{label}-{ckpt_id}"
+                context, settings = calibration, {"calibration": calibration.describe(), **calibration.quantizer}
+            elif comp in RELEARN:
+                settings = {"relearn": dict(cfg["sweep"]["relearn"])}
+            rows_here = [r for r in ledger.rows() if (r["model"], r["ckpt"], r["eval"], r["compression"]) == key]
+            done = [r for r in rows_here if _same_settings(r.get("settings"), settings)]
+            if rows_here and not done:
+                log.info("%s / %s: the ledger's rows were made with other settings than %s; evaluated again",
+                         label, comp, settings)
             has_ref = any(r["metric"] == suite.reference_metric for r in done)
             # every row a cell wrote (an append cut short by a kill leaves the first rows only)
             whole = len({r["metric"] for r in done}) >= max((r.get("cell_rows", 0) for r in done), default=0)
@@ -123,16 +135,8 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
                 model, tok = load_model(path, "float32", cfg["model"]["trust_remote_code"])
                 ev = evaluator or suite.evaluator(tok)
             t0 = time.time()
-            context, settings = None, None
-            if needs_calibration(comp):
-                if calibration is None:
-                    calibration = _calibration(cfg, bench, tok, run_dir)
-                calibration.ckpt = f"{label}-{ckpt_id}"
-                context, settings = calibration, {"calibration": calibration.describe(),
-                                                  "awq_n_grid": calibration.awq_n_grid,
-                                                  "gptq_dampening": calibration.gptq_dampening}
-            elif comp in RELEARN:
-                context, settings = RelearnData(cfg, bench, tok), {"relearn": dict(cfg["sweep"]["relearn"])}
+            if comp in RELEARN:
+                context = RelearnData(cfg, bench, tok)
             m = model if comp == "none" else get_compression(comp, context)(copy.deepcopy(model))
             m.eval()
             metrics, per = ev.evaluate(m, eval_bench(comp, bench), ref, splits=suite.splits(comp))
@@ -187,8 +191,24 @@ def _calibration(cfg: dict, bench, tok, run_dir: Path):
 
     c = cfg["sweep"]["calibration"]
     samples, source = calibration_samples(cfg, bench, tok)
-    return Calibration(samples, source, cache_dir=Path(run_dir) / "compressed", awq_n_grid=c["awq_n_grid"],
-                       gptq_dampening=c["gptq_dampening"])
+    return Calibration.of(c, samples, source, cache_dir=Path(run_dir) / "compressed")
+
+
+def _tokenizer(path: str, cfg: dict):
+    """The tokenizer of a checkpoint, without its weights (the calibration text is cut in its tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg["model"]["trust_remote_code"])
+
+
+def _same_settings(have: dict | None, want: dict | None) -> bool:
+    """Whether a ledger row's column settings are this sweep's. Rows written before
+    ``awq_duo_scaling`` existed ran with it on (llm-compressor's default)."""
+    if want is None:
+        return True
+    if have is not None and "calibration" in want:
+        have = {"awq_duo_scaling": True, **have}
+    return have == want
 
 
 def _no_reference(suite, stats: Path) -> bool:

@@ -124,3 +124,53 @@ def test_missing_extra_is_one_line(tiny_models, tmp_path, monkeypatch):
     with pytest.raises(UserError) as exc:
         get_compression("gptq4-g64", calib)(load_model(tiny_models.target)[0])
     assert "needs llm-compressor" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_awq_duo_scaling_is_a_recipe_key_that_reaches_the_quantizer(tiny_models, tmp_path, monkeypatch):
+    """``sweep.calibration.awq_duo_scaling``: passed to llm-compressor's AWQModifier, recorded with the
+    compressed checkpoint, and part of the calibration id only when off (ids cached before it stay)."""
+    import hashlib
+
+    from llmcompressor.modifiers.transform import awq
+
+    from robust_unlearn.quant.calibrated import QUANTIZER_KEYS, Calibration
+
+    on = _calibration(tiny_models, tmp_path)
+    old_id = hashlib.sha256(json.dumps({"samples": on.samples, "awq_n_grid": 3, "dampening": 0.01}).encode()).hexdigest()[:12]
+    assert on.awq_duo_scaling is True and on.id == old_id
+    c = load_recipe(None, tiny_models.overrides + FAST + ["sweep.calibration.awq_duo_scaling=false"])["sweep"]["calibration"]
+    off = Calibration.of(c, on.samples, on.source, cache_dir=tmp_path / "compressed", ckpt="tgt")
+    assert off.quantizer == {"awq_n_grid": 3, "awq_duo_scaling": False, "gptq_dampening": 0.01}
+    assert set(off.quantizer) == set(QUANTIZER_KEYS) and off.id != on.id
+    seen = []
+
+    class Spy(awq.AWQModifier):
+        def __init__(self, **kw):
+            seen.append(kw.get("duo_scaling"))
+            super().__init__(**kw)
+
+    monkeypatch.setattr(awq, "AWQModifier", Spy)
+    get_compression("awq4-g64", off)(load_model(tiny_models.target)[0])
+    assert seen == [False]
+    (cached,) = (tmp_path / "compressed").iterdir()
+    assert json.loads((cached / "calibration.json").read_text())["awq_duo_scaling"] is False
+
+
+def test_a_resumed_sweep_evaluates_a_column_again_when_its_settings_changed(tiny_models, tmp_path):
+    """A cell is (checkpoint, evaluation, column) and, for a relearn / GPTQ / AWQ column, its settings:
+    the same settings are skipped, other ones evaluated again (their rows become the latest)."""
+    from robust_unlearn.ledger import Ledger
+
+    out = tmp_path / "run"
+    args = ("sweep", f"tgt={tiny_models.target}", *EVAL, "--compressions", "none,relearn-retain", "--out", out)
+    ledger = lambda: Ledger(out / "results.jsonl")  # noqa: E731 (read afresh after each run)
+    assert run_cli(*args, *FAST).returncode == 0
+    first = len(ledger().rows())
+    assert run_cli(*args, *FAST).returncode == 0 and len(ledger().rows()) == first  # nothing evaluated again
+    res = run_cli(*args, *FAST, "sweep.relearn.steps=3")
+    assert res.returncode == 0, res.stderr
+    new = ledger().rows()[first:]
+    assert new and {r["compression"] for r in new} == {"relearn-retain"}
+    assert {r["settings"]["relearn"]["steps"] for r in ledger().latest() if r["compression"] == "relearn-retain"} == {3}
+    second = len(ledger().rows())
+    assert run_cli(*args, *FAST, "sweep.relearn.steps=3").returncode == 0 and len(ledger().rows()) == second

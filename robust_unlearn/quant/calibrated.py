@@ -33,6 +33,9 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
+# sweep.calibration keys that set the quantizers themselves (the rest choose the calibration text)
+QUANTIZER_KEYS = ("awq_n_grid", "awq_duo_scaling", "gptq_dampening")
+
 EXTRA = ("pip install --no-deps -c constraints.txt llmcompressor compressed-tensors loguru "
          "(the gptq extra; see README)")
 
@@ -48,13 +51,26 @@ class Calibration:
     ckpt: str = "model"
     awq_n_grid: int = 10
     gptq_dampening: float = 0.01
+    awq_duo_scaling: bool = True
     settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, c: dict, samples: list[list[int]], source: str, **kw) -> "Calibration":
+        """The calibration of a recipe's ``sweep.calibration`` block ``c``: its quantizer settings
+        (``QUANTIZER_KEYS``) with these samples."""
+        return cls(samples, source, **{k: c[k] for k in QUANTIZER_KEYS}, **kw)
+
+    @property
+    def quantizer(self) -> dict:
+        """The quantizer settings, as recorded next to each compressed checkpoint and ledger row."""
+        return {k: getattr(self, k) for k in QUANTIZER_KEYS}
 
     @property
     def id(self) -> str:
-        h = hashlib.sha256(json.dumps({"samples": self.samples, "awq_n_grid": self.awq_n_grid,
-                                       "dampening": self.gptq_dampening}).encode()).hexdigest()
-        return h[:12]
+        key = {"samples": self.samples, "awq_n_grid": self.awq_n_grid, "dampening": self.gptq_dampening}
+        if not self.awq_duo_scaling:  # only when off, so the ids of checkpoints cached before the key stay
+            key["awq_duo_scaling"] = False
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
         return f"{self.source} ({self.id})"
@@ -162,7 +178,7 @@ def oneshot_quantize(model, fmt, calibration: Calibration):
         from llmcompressor.modifiers.quantization import QuantizationModifier
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        recipe = [AWQModifier(n_grid=calibration.awq_n_grid),
+        recipe = [AWQModifier(n_grid=calibration.awq_n_grid, duo_scaling=calibration.awq_duo_scaling),
                   QuantizationModifier(config_groups=scheme, ignore=["lm_head"])]
     samples = calibration.samples
     if not samples:
@@ -212,8 +228,7 @@ def compress_calibrated(model, fmt, calibration: Calibration | None):
         try:
             oneshot_quantize(model, fmt, calibration).save_pretrained(tmp, save_compressed=True)
             (tmp / "calibration.json").write_text(json.dumps({"format": fmt.name, "calibration": calibration.source,
-                                                              "id": calibration.id, "awq_n_grid": calibration.awq_n_grid,
-                                                              "gptq_dampening": calibration.gptq_dampening}))
+                                                              "id": calibration.id, **calibration.quantizer}))
             if out.exists():  # a half-written one from an older run
                 shutil.rmtree(out)
             os.replace(tmp, out)
