@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # several processes (accelerate launch, DeepSpeed
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
+QAT_PROB_TOL, QAT_JUMPS = 1e-3, 0.005  # robust_qat: see test_qat_on_two_processes_matches_one_process_and_what_it_refuses
 # 8 Robust steps with the floor every 4 and the null-space step on; batch 4 = both streams' multiple
 PARITY = ["unlearn.batch_size=4", "unlearn.per_method.Robust_GradDiff.steps=8",
           "unlearn.per_method.Robust_GradDiff.robust_floor_every=4", "unlearn.steps=6", "unlearn.per_method.RMU.steps=6"]
@@ -124,7 +125,8 @@ def _refused(launch: list[str], overrides: list[str], target: str, out: Path) ->
 @pytest.mark.parametrize("view,launch", [(0.0, "zero2"), (0.3, "zero2"), (0.3, "multi_gpu")],
                          ids=["qat-zero2", "qat+prune_view-zero2", "qat+prune_view-ddp"])
 def test_qat_on_two_processes_matches_one_process_and_what_it_refuses(setup, view, launch):
-    """``robust_qat`` (parametrized weights) under ZeRO-2 and DDP on 2 processes equals one process, with
+    """``robust_qat`` (parametrized weights) under ZeRO-2 and DDP on 2 processes equals one process (up to
+    rare one-code jumps at a code's edge, below), with
     ``robust_prune_view`` too (its two views' losses go through one backward: before, with a backward each,
     ZeRO-2 kept one of them, forget probability 0.630 against one process's 0.516). ZeRO-3, which
     partitions the weights the parametrizations read, stops in one line."""
@@ -140,12 +142,17 @@ def test_qat_on_two_processes_matches_one_process_and_what_it_refuses(setup, vie
     assert read_metadata(multi)["plan"]["final"]["qat"] is True
     assert read_metadata(multi)["launch"]["processes"] == 2
     assert read_metadata(multi)["spec"]["settings"].get("robust_prune_view", 0.0) == view
+    # Every trained weight sits on an NF4 code's value. A weight at a code's edge can take the next code
+    # on 2 processes, whose gradient sums differ from one process's in the last bits (their reduction
+    # order): one NF4 step, not 1e-4. Measured: 6 of 7,837 changed weights on one machine, 0 on another,
+    # forget probability 2.2e-4 apart. So: all other weights within TOL, such jumps rare.
     for a, b in zip(probs(cfg, bench, single), probs(cfg, bench, multi)):
-        assert abs(a - b) <= TOL, (a, b)
+        assert abs(a - b) <= QAT_PROB_TOL, (a, b)
     sa, sb = load_model(str(single))[0].state_dict(), load_model(str(multi))[0].state_dict()
-    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= TOL
     wt = load_model(target)[0].state_dict()
-    assert sum(int((sa[k] != wt[k]).sum()) for k in sa) > 0
+    changed = sum(int((sa[k] != wt[k]).sum()) for k in sa)
+    jumped = sum(int(((sa[k] - sb[k]).abs() > TOL).sum()) for k in sa)
+    assert changed > 0 and jumped <= QAT_JUMPS * changed, (jumped, changed)
     if not view:
         assert "robust_qat runs on one process, under DDP or under DeepSpeed ZeRO-2" in _refused(
             _zero_launch(3), ov, target, tmp / "qat-zero3")
