@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,6 @@ class Calibration:
     awq_n_grid: int = 10
     gptq_dampening: float = 0.01
     awq_duo_scaling: bool = True
-    settings: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, c: dict, samples: list[list[int]], source: str, **kw) -> "Calibration":
