@@ -42,7 +42,7 @@ from robust_unlearn.data import calibration_samples, load_benchmark  # noqa: E40
 from robust_unlearn.data.collate import formatter_for  # noqa: E402
 from robust_unlearn.models import load_model  # noqa: E402
 from robust_unlearn.quant import parse_format  # noqa: E402
-from robust_unlearn.quant.calibrated import QUANTIZER_KEYS, Calibration, _args, _cpu_safe, _quiet, load_dequantized  # noqa: E402
+from robust_unlearn.quant.calibrated import Calibration, _args, _cpu_safe, _quiet, load_dequantized, quantizer_settings  # noqa: E402
 from robust_unlearn.scoring import qa_pass  # noqa: E402
 
 
@@ -109,7 +109,7 @@ def main() -> None:
             (f"{fname}, TOFU retain90 {len(s2)}x{a.length} tokens",
              lambda m: get_compression(fname, Calibration.of(cal, s2, "tofu retain90"))(m))]
     cols = cols[:3] + [c for c, k in zip(cols[3:], ("builtin", "tofu")) if k in which]
-    quantizer = {k: cal[k] for k in QUANTIZER_KEYS}
+    quantizer = quantizer_settings(cal)
     print(f"{a.target}; NLL per question: built-in holdout ({len(holdout)}), TOFU forget10 ({len(tofu_eval)}); "
           f"{quantizer}\n")
     print("| column | holdout NLL | vs fp32 | TOFU forget10 NLL | vs fp32 | seconds |")

@@ -76,17 +76,28 @@ def whole_weights():
         hf_ds.set_hf_deepspeed_config(active)
 
 
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """A checkpoint's (or hub id's) tokenizer alone; UserError (one line) when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from None
+
+
 def load_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
     """-> (model, tokenizer), whole (even while a DeepSpeed ZeRO-3 engine of an earlier method is
     alive: the training loop partitions it itself). ``name``: a local checkpoint directory or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     if is_local(name):
         check_model_dir(name)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tok = load_tokenizer(name, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         with whole_weights():
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

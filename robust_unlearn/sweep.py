@@ -29,7 +29,7 @@ from .ledger import Ledger
 from .metrics import split_of, suite_for
 from .metrics.stats import save_stats
 from .metrics.tofu import Evaluator
-from .models import load_model, read_metadata  # load_model runs check_compatible
+from .models import load_model, load_tokenizer, read_metadata  # load_model runs check_compatible
 from .quant import parse_format
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def stats_path(run_dir: Path, label: str, ckpt_id: str, eval_id: str, compressio
 def check_vocab(path: str, trust_remote_code: bool = False) -> None:
     """Before any weights are read: a tokenizer with more tokens than the checkpoint's vocabulary
     (its config's ``vocab_size``, the embedding rows) belongs to another model. UserError if so."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from .errors import UserError
     from .models import quiet_transformers
@@ -54,9 +54,9 @@ def check_vocab(path: str, trust_remote_code: bool = False) -> None:
     quiet_transformers()
     try:
         conf = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load model '{path}': {str(exc).splitlines()[0]}") from None
+    tok = load_tokenizer(path, trust_remote_code)
     text = conf.get_text_config() if hasattr(conf, "get_text_config") else conf
     n_embed = getattr(text, "vocab_size", None)
     if n_embed is not None and len(tok) > n_embed:
@@ -113,7 +113,7 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
             context, settings = None, None  # a GPTQ / AWQ / relearn column's settings: part of what a cell is
             if needs_calibration(comp):
                 if calibration is None:
-                    calibration = _calibration(cfg, bench, _tokenizer(path, cfg), run_dir)
+                    calibration = _calibration(cfg, bench, load_tokenizer(path, cfg["model"]["trust_remote_code"]), run_dir)
                 calibration.ckpt = f"{label}-{ckpt_id}"
                 context, settings = calibration, {"calibration": calibration.describe(), **calibration.quantizer}
             elif comp in RELEARN:
@@ -192,13 +192,6 @@ def _calibration(cfg: dict, bench, tok, run_dir: Path):
     c = cfg["sweep"]["calibration"]
     samples, source = calibration_samples(cfg, bench, tok)
     return Calibration.of(c, samples, source, cache_dir=Path(run_dir) / "compressed")
-
-
-def _tokenizer(path: str, cfg: dict):
-    """The tokenizer of a checkpoint, without its weights (the calibration text is cut in its tokens)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg["model"]["trust_remote_code"])
 
 
 def _same_settings(have: dict | None, want: dict | None) -> bool:

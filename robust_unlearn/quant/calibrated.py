@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 # sweep.calibration keys that set the quantizers themselves (the rest choose the calibration text)
 QUANTIZER_KEYS = ("awq_n_grid", "awq_duo_scaling", "gptq_dampening")
 
+
+def quantizer_settings(c: dict) -> dict:
+    """The quantizer settings of a recipe's ``sweep.calibration`` block."""
+    return {k: c[k] for k in QUANTIZER_KEYS}
+
 EXTRA = ("pip install --no-deps -c constraints.txt llmcompressor compressed-tensors loguru "
          "(the gptq extra; see README)")
 
@@ -57,7 +62,7 @@ class Calibration:
     def of(cls, c: dict, samples: list[list[int]], source: str, **kw) -> "Calibration":
         """The calibration of a recipe's ``sweep.calibration`` block ``c``: its quantizer settings
         (``QUANTIZER_KEYS``) with these samples."""
-        return cls(samples, source, **{k: c[k] for k in QUANTIZER_KEYS}, **kw)
+        return cls(samples, source, **quantizer_settings(c), **kw)
 
     @property
     def quantizer(self) -> dict:
