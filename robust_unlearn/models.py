@@ -87,6 +87,23 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise UserError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from None
 
 
+def process_device() -> torch.device:
+    """The device this process computes on: accelerate's (its GPU under a launch or on a GPU machine; the
+    CPU where there is none)."""
+    from accelerate.state import PartialState
+
+    return PartialState().device
+
+
+def deepspeed_launch() -> bool:
+    """Whether this process runs under DeepSpeed, whose engine places the model itself."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    return PartialState().distributed_type == DistributedType.DEEPSPEED or \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def load_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
     """-> (model, tokenizer), whole (even while a DeepSpeed ZeRO-3 engine of an earlier method is
     alive: the training loop partitions it itself). ``name``: a local checkpoint directory or a hub id."""

@@ -29,7 +29,7 @@ from .ledger import Ledger
 from .metrics import split_of, suite_for
 from .metrics.stats import save_stats
 from .metrics.tofu import Evaluator
-from .models import load_model, load_tokenizer, read_metadata  # load_model runs check_compatible
+from .models import load_model, load_tokenizer, process_device, read_metadata  # load_model runs check_compatible
 from .quant import parse_format
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,13 @@ def sweep(cfg: dict, bench, run_dir: str | Path, checkpoints: list[tuple], compr
                 continue
             if model is None:
                 model, tok = load_model(path, "float32", cfg["model"]["trust_remote_code"])
+                model.to(process_device())  # evaluated on this process's accelerator (the CPU where there is none)
                 ev = evaluator or suite.evaluator(tok)
             t0 = time.time()
             if comp in RELEARN:
                 context = RelearnData(cfg, bench, tok)
             m = model if comp == "none" else get_compression(comp, context)(copy.deepcopy(model))
-            m.eval()
+            m.to(process_device()).eval()  # a GPTQ / AWQ column's checkpoint loads back on the CPU
             metrics, per = ev.evaluate(m, eval_bench(comp, bench), ref, splits=suite.splits(comp))
             del m
             if not main:  # under accelerate launch only the main process writes; the others wait for it

@@ -36,7 +36,7 @@ from .errors import TrainingCollapsed, UserError
 from .ids import stable_hash
 from .lora import lora_enabled
 from .methods import NEEDS_REF, build_objective, check_method, objective_spec, split_method
-from .models import load_model, read_metadata, save_model
+from .models import deepspeed_launch, load_model, process_device, read_metadata, save_model
 from .scoring import distinct_bigram_share, qa_mean_nll, qa_pass
 from .train import precision_ran, train
 from .weight_stats import update_stats
@@ -67,6 +67,7 @@ class Reference:
                 self.kind = "partitioned (ZeRO-3)"
             else:
                 self._model, _ = load_model(self.path, "float32", self.trust)
+                self._model.to(process_device())  # beside the model it scores (each GPU holds a full copy)
                 self.kind = "full copy (ZeRO-3)" if zero3_active() else "full copy"
             self._model.requires_grad_(False)
             self._model.eval()
@@ -248,7 +249,7 @@ class StopLevels:
         if used not in self._values:
             path, split = (self.oracle, "forget") if used == "oracle" else (self.target, "holdout")
             model, tok = load_model(path, "float32", self.cfg["model"]["trust_remote_code"])
-            model.eval()
+            model.to(process_device()).eval()
             self._values[used] = answer_prob_probe(self.cfg, self.bench, tok, split)(model)
             del model
             log.info("stop level %s: forget probability %.3f (%s)", used, self._values[used], path)
@@ -297,6 +298,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     # run (that rounding alone moves every weight, by up to half a bf16 ulp)
     cast = torch.bfloat16 if settings["precision"] == "bf16" else torch.float32
     before = {f"{n}.weight": m.weight.detach().to(cast).float().clone() for n, m in compressible_linears(model)}
+    if not deepspeed_launch():  # the setup (saliency, the guard's and the stop's probes) where the loop trains
+        model.to(process_device())
     shared = None
     wrapper, base_method = split_method(method)
     use_lora = lora_enabled(settings)

@@ -148,3 +148,32 @@ def test_tokenizer_of_another_model_is_one_line(models, tmp_path, cache_dir):
     assert res.returncode == 2
     err = [x for x in res.stderr.splitlines() if x.strip()]
     assert len(err) == 1 and "tokenizer of" in err[0] and "embedding has 16 rows" in err[0], res.stderr
+
+
+def test_every_cell_is_evaluated_on_the_process_device(tiny_models, tmp_path, monkeypatch):
+    """The sweep moves each loaded checkpoint and each compressed copy to accelerate's device for this
+    process (on a GPU machine: the GPU; it used to evaluate on the CPU there, 20-30x slower at 1B)."""
+    from accelerate.state import PartialState
+
+    from robust_unlearn import sweep as sweep_mod
+    from robust_unlearn.config import load_recipe
+
+    moved, evaluated = [], []
+    real_load = sweep_mod.load_model
+
+    def load(*a, **k):
+        model, tok = real_load(*a, **k)
+        real_to = model.to
+        model.to = lambda *args, **kw: (moved.append(args[0] if args else kw.get("device")), real_to(*args, **kw))[1]
+        return model, tok
+
+    monkeypatch.setattr(sweep_mod, "load_model", load)
+    cfg = load_recipe(None, tiny_models.overrides + EVAL)
+    ev = sweep_mod.suite_for(cfg).evaluator(sweep_mod.load_tokenizer(tiny_models.target))
+    real_eval = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda m, *a, **k: (evaluated.append(m), real_eval(m, *a, **k))[1])
+    sweep_mod.sweep(cfg, tiny_models.bench, tmp_path / "run", [("tgt", tiny_models.target, "none")],
+                    ["none", "prune20"], evaluator=ev)
+    device = PartialState().device
+    assert len(evaluated) == 2 and moved.count(device) >= 3  # the checkpoint, then each evaluated model (a deep copy records too)
+    assert all(p.device == device for m in evaluated for p in m.parameters())
