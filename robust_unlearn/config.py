@@ -188,7 +188,8 @@ DEFAULTS: dict[str, Any] = {
         # sees them (prompt + answer), concatenated and cut into `samples` rows of `length` tokens
         "calibration": {"split": "retain", "samples": 32, "length": 256,
                         "awq_n_grid": 10,       # AWQ's scale grid search points (~1.5 s each per layer group on 2 CPU cores)
-                        "awq_duo_scaling": True,  # AWQ's scales from activations and weights (false: activations only)
+                        "awq_duo_scaling": True,  # AWQ's scales from activations and weights (false: activations
+                                                  # only; both: half of the grid each way, llm-compressor's option)
                         "gptq_dampening": 0.01},  # GPTQ's Hessian dampening fraction
         # relearn-retain / relearn-forget columns: optimizer steps of NLL fine-tuning from the checkpoint
         "relearn": {"steps": 10, "lr": 1.0e-4, "batch_size": 8, "precision": "fp32"},
@@ -281,8 +282,11 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
             return value
         raise UserError(f"recipe key '{path}' must not be null")
     if isinstance(default, bool):
+        if path.rsplit(".", 1)[-1] == "awq_duo_scaling" and value == "both":
+            return value  # llm-compressor's AWQ: half of the grid without duo scaling, half with it
         if not isinstance(value, bool):
-            raise UserError(f"recipe key '{path}' must be true or false, got {value!r}")
+            extra = ", false or both" if path.rsplit(".", 1)[-1] == "awq_duo_scaling" else " or false"
+            raise UserError(f"recipe key '{path}' must be true{extra}, got {value!r}")
         return value
     if path.rsplit(".", 1)[-1] == "stop_forget_prob" and isinstance(value, str):
         if value not in STOP_LEVELS:

@@ -127,8 +127,9 @@ def test_missing_extra_is_one_line(tiny_models, tmp_path, monkeypatch):
 
 
 def test_awq_duo_scaling_is_a_recipe_key_that_reaches_the_quantizer(tiny_models, tmp_path, monkeypatch):
-    """``sweep.calibration.awq_duo_scaling``: passed to llm-compressor's AWQModifier, recorded with the
-    compressed checkpoint, and part of the calibration id only when off (ids cached before it stay)."""
+    """``sweep.calibration.awq_duo_scaling`` (true, false or both): passed to llm-compressor's AWQModifier,
+    recorded with the compressed checkpoint, and part of the calibration id only when not true (ids cached
+    before it stay)."""
     import hashlib
 
     from llmcompressor.modifiers.transform import awq
@@ -142,6 +143,11 @@ def test_awq_duo_scaling_is_a_recipe_key_that_reaches_the_quantizer(tiny_models,
     off = Calibration.of(c, on.samples, on.source, cache_dir=tmp_path / "compressed", ckpt="tgt")
     assert off.quantizer == {"awq_n_grid": 3, "awq_duo_scaling": False, "gptq_dampening": 0.01}
     assert set(off.quantizer) == set(QUANTIZER_KEYS) and off.id != on.id
+    c = load_recipe(None, tiny_models.overrides + FAST + ["sweep.calibration.awq_duo_scaling=both"])["sweep"]["calibration"]
+    both = Calibration.of(c, on.samples, on.source)  # llm-compressor's third value: half the grid each way
+    assert both.quantizer["awq_duo_scaling"] == "both" and len({on.id, off.id, both.id}) == 3
+    with pytest.raises(UserError, match="awq_duo_scaling' must be true, false or both"):
+        load_recipe(None, tiny_models.overrides + ["sweep.calibration.awq_duo_scaling=half"])
     seen = []
 
     class Spy(awq.AWQModifier):

@@ -56,7 +56,7 @@ class Calibration:
     ckpt: str = "model"
     awq_n_grid: int = 10
     gptq_dampening: float = 0.01
-    awq_duo_scaling: bool = True
+    awq_duo_scaling: bool | str = True  # or "both"
 
     @classmethod
     def of(cls, c: dict, samples: list[list[int]], source: str, **kw) -> "Calibration":
@@ -72,8 +72,8 @@ class Calibration:
     @property
     def id(self) -> str:
         key = {"samples": self.samples, "awq_n_grid": self.awq_n_grid, "dampening": self.gptq_dampening}
-        if not self.awq_duo_scaling:  # only when off, so the ids of checkpoints cached before the key stay
-            key["awq_duo_scaling"] = False
+        if self.awq_duo_scaling is not True:  # only when not on, so the ids cached before the key stay
+            key["awq_duo_scaling"] = self.awq_duo_scaling
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
