@@ -5,9 +5,11 @@
 # end on a 1B-shaped model (random weights and SmolLM2's tokenizer: nothing is downloaded).
 #   OUT=DIR bash evals/gpu_check.sh          (python3 with torch, triton, transformers and peft)
 # The floor bench times every launch setting in BLOCKS x WARPS x PARTIAL (default: the kernel's own, plus
-# the alternatives below); FLOOR=0 skips it. PLAN=0 skips the plan check (PLAN_ONLY picks its rows at 1B, PLAN_8B=0 skips
-# 8B), ROBUST=0 the Robust_ row at the recipe's own batch, RECIPE=0 the recipe run, which needs TOFU=DIR
-# (TOFU's files, or evals/tofu_subset.py's) and TOKENIZER=DIR, with datasets and bitsandbytes installed.
+# the alternatives below); FLOOR=0 skips it. PLAN=0 skips the plan check (PLAN_ONLY picks its rows at
+# 1B, PLAN_8B=0 skips 8B); ROBUST=0 the Robust_ row at the recipe's own batch; RECIPE=0 the recipe run.
+# The recipe run needs TOFU=DIR (TOFU's files, or evals/tofu_subset.py's) and TOKENIZER=DIR (any
+# checkpoint's, e.g. the built-in target's), with datasets, bitsandbytes and rouge-score installed; it is
+# stopped after RECIPE_S seconds (default 400), METHODS and NEW_TOKENS pick its methods and answer length.
 set -uo pipefail
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
