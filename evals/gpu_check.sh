@@ -55,7 +55,8 @@ for s in 0 1; do
   [ -e "$CK/llama-1b-$s/model.safetensors" ] || $PY evals/random_checkpoint.py --tokenizer "$TOKENIZER" \
     --config "${RECIPE_CONFIG:-evals/configs/llama-3.2-1b.json}" --seed $s --out "$CK/llama-1b-$s" 2>&1 | grep -v "Writing model"
 done
-timeout "${RECIPE_S:-400}" $PY -c 'import atexit, sys, torch
+timeout "${RECIPE_S:-400}" $PY -c 'import atexit, signal, sys, torch
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(124))  # stopped by timeout: the peak is still printed
 atexit.register(lambda: torch.cuda.is_available() and print(f"peak GPU memory of the run: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"))
 from robust_unlearn.cli import main
 sys.argv[0] = "robust-unlearn"
