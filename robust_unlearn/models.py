@@ -88,20 +88,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 
 def process_device() -> torch.device:
-    """The device this process computes on: accelerate's (its GPU under a launch or on a GPU machine; the
-    CPU where there is none)."""
-    from accelerate.state import PartialState
-
-    return PartialState().device
+    """The device this process computes on, where accelerate puts it: the GPU of its local rank under a
+    launch, else the first GPU, else the CPU. Read from the environment, so that no accelerate state is
+    made before the training loop's Accelerator (a PartialState made first breaks a DeepSpeed launch's
+    batch arithmetic)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0) or 0))
 
 
 def deepspeed_launch() -> bool:
-    """Whether this process runs under DeepSpeed, whose engine places the model itself."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    return PartialState().distributed_type == DistributedType.DEEPSPEED or \
-        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    """Whether this process runs under DeepSpeed (``accelerate launch`` with a DeepSpeed config), whose
+    engine places the model itself."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
