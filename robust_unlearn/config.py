@@ -272,6 +272,11 @@ def method_settings(cfg: dict, method: str) -> dict:
     return u
 
 
+# boolean keys that also take these words (llm-compressor's AWQ duo_scaling "both": half of the grid
+# without duo scaling, half with it)
+BOOL_WORDS = {"awq_duo_scaling": ("both",)}
+
+
 def _check_type(path: str, default: Any, value: Any) -> Any:
     if default is None and value is not None and path in NULLABLE:
         default = NULLABLE[path]()  # the type's empty value stands in for the check below
@@ -282,11 +287,10 @@ def _check_type(path: str, default: Any, value: Any) -> Any:
             return value
         raise UserError(f"recipe key '{path}' must not be null")
     if isinstance(default, bool):
-        if path.rsplit(".", 1)[-1] == "awq_duo_scaling" and value == "both":
-            return value  # llm-compressor's AWQ: half of the grid without duo scaling, half with it
-        if not isinstance(value, bool):
-            extra = ", false or both" if path.rsplit(".", 1)[-1] == "awq_duo_scaling" else " or false"
-            raise UserError(f"recipe key '{path}' must be true{extra}, got {value!r}")
+        words = BOOL_WORDS.get(path.rsplit(".", 1)[-1], ())
+        if not isinstance(value, bool) and value not in words:
+            raise UserError(f"recipe key '{path}' must be {', '.join(['true', 'false', *words][:-1])} or "
+                            f"{(['false', *words])[-1]}, got {value!r}")
         return value
     if path.rsplit(".", 1)[-1] == "stop_forget_prob" and isinstance(value, str):
         if value not in STOP_LEVELS:

@@ -41,6 +41,7 @@ def quantizer_settings(c: dict) -> dict:
     """The quantizer settings of a recipe's ``sweep.calibration`` block."""
     return {k: c[k] for k in QUANTIZER_KEYS}
 
+
 EXTRA = ("pip install --no-deps -c constraints.txt llmcompressor compressed-tensors loguru "
          "(the gptq extra; see README)")
 
