@@ -36,7 +36,22 @@ def check_recipe(path: str | os.PathLike | None = None, overrides: list[str] | N
     notes: list[str] = []
     _check_data(cfg, problems, notes)
     models = _check_models(cfg, problems, notes)
+    _check_classifier(cfg, problems, notes)
     return RecipeCheck(cfg, problems, notes, models)
+
+
+def _check_classifier(cfg: dict, problems: list[str], notes: list[str]) -> None:
+    """``eval.gibberish_classifier``: a local directory must hold a config.json; a hub id is noted."""
+    from .models import is_local
+
+    name = cfg["eval"]["gibberish_classifier"]
+    if not name:
+        return
+    if not is_local(name):
+        notes.append(f"eval.gibberish_classifier '{name}': hub id, not checked offline")
+    elif not (Path(name).expanduser() / "config.json").is_file():
+        problems.append(f"eval.gibberish_classifier '{name}' has no config.json (expected a sequence classifier's "
+                        "directory or a hub id)")
 
 
 def _check_data(cfg: dict, problems: list[str], notes: list[str]) -> None:

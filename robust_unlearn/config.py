@@ -84,6 +84,11 @@ DEFAULTS: dict[str, Any] = {
         # default | open-unlearning: its evaluation inputs (an EOS appended to each answer, attention mask
         # input_ids != pad, generation stopping at every generation_config EOS id), to reproduce its numbers
         "input_format": "default",
+        # open-unlearning's forget_Q_A_gibberish: a sequence classifier (hub id or directory) whose class 0
+        # is "clean", run on the greedy forget answers; open-unlearning's is
+        # madhurjindal/autonlp-Gibberish-Detector-492513457 (locuslab/open-unlearning@d3d7cf9:
+        # configs/eval/tofu_metrics/forget_Q_A_gibberish.yaml). null: off, as there by default
+        "gibberish_classifier": None,
     },
     "unlearn": {
         "methods": ["GradDiff", "SimNPO", "RMU", "SURE_GradDiff", "Robust_GradDiff"],  # what `run` unlearns (robust_unlearn.methods.METHODS)
@@ -209,7 +214,7 @@ PRECISIONS = ("fp32", "mixed", "bf16")
 # keys whose default is None: the type a value must have when it is not null
 NULLABLE = {"cache_dir": str, "data.path": str, "data.train_utility": bool, "data.limit": int,
             "data.doc_max_chars": int, "data.retain_max_tokens": int,
-            "model.target": str, "model.oracle": str}
+            "model.target": str, "model.oracle": str, "eval.gibberish_classifier": str}
 # keys (last part of the dotted name) with a value by default that may also be null
 NULL_OK = ("system_prompt", "date_string", "steps", "stop_forget_prob", "collapse_floor")
 # stop_forget_prob may also name a level the run measures itself (unlearn.stop_level)

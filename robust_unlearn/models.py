@@ -87,6 +87,21 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
         raise UserError(f"could not load model '{name}': {str(exc).splitlines()[0]}") from None
 
 
+def load_classifier(name: str, where: str):
+    """-> (sequence classifier in eval mode on this process's device, its tokenizer); UserError (one line
+    naming ``where``, the recipe key) when either cannot be loaded."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForSequenceClassification.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where} '{name}': could not load a sequence classifier and its tokenizer "
+                        f"({str(exc).splitlines()[0]}); expected a hub id or a local directory") from None
+    return model.eval().to(process_device()), tok
+
+
 def process_device() -> torch.device:
     """The device this process computes on, where accelerate puts it: the GPU of its local rank under a
     launch, else the first GPU, else the CPU. Read from the environment, so that no accelerate state is

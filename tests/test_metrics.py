@@ -60,6 +60,19 @@ def test_split_metrics_by_hand(fixed_model, ev):
     assert metrics["forget_Q_A_Prob"] == pytest.approx(np.mean(p_ans), abs=1e-6)
     assert metrics["forget_truth_ratio"] == pytest.approx(np.mean([min(t, 1 / t) for t in tr]), rel=1e-5)
     assert metrics["forget_Q_A_ROUGE"] == pytest.approx(0.5)
+    assert metrics["forget_Q_A_distinct_bigrams"] == 1.0  # "a b": one bigram, distinct
+
+
+def test_distinct_bigrams_metric_sees_looping_answers(fixed_model, ev):
+    """{split}_Q_A_distinct_bigrams: the mean over a split's greedy answers of their distinct-bigram
+    share; a looping answer lowers it while ROUGE recall can stay at 1."""
+    model, _ = fixed_model
+    rows = [{"question": "q1", "answer": "a b", "paraphrased_answer": None, "perturbed_answer": []},
+            {"question": "q2", "answer": "French", "paraphrased_answer": None, "perturbed_answer": []}]
+    # bigrams of "french french french author": (french, french) x2, (french, author): 2 distinct of 3
+    st = ev.split_stats(model, rows, "retain", generations=["a b", "French French French author"])
+    np.testing.assert_allclose(st.distinct_bigrams, [1.0, 2 / 3])
+    np.testing.assert_allclose(st.rouge, [1.0, 1.0])
 
 
 def test_utility_split_normalised_probability_and_truth_ratio(fixed_model, ev):
@@ -161,3 +174,72 @@ def test_one_pass_generation_equals_model_generate(tmp_path):
         assert sum(decoded) < len(qs)  # the last time, teacher forcing found (some of) them undecoded
     finally:
         scoring.greedy_from_cache = real
+
+
+@pytest.fixture(scope="module")
+def gibberish_dir(tmp_path_factory):
+    """A tiny sequence classifier (random weights, two classes) and its tokenizer, saved as a checkpoint."""
+    from transformers import LlamaForSequenceClassification
+
+    from robust_unlearn.models import tiny_config, train_tokenizer
+
+    tok = train_tokenizer(["a b c d French author wrote the novel"] * 8, 300)
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(tiny_config(len(tok), num_labels=2))
+    out = tmp_path_factory.mktemp("gibberish")
+    clf.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_forget_gibberish_is_the_classifiers_mean_clean_probability(fixed_model, ev, gibberish_dir):
+    """open-unlearning's forget_Q_A_gibberish: mean softmax P(class 0) over the greedy forget answers, each
+    truncated to 32 classifier tokens; here against each text scored alone (no batching, no padding)."""
+    from robust_unlearn.metrics.tofu import classifier_prob
+    from robust_unlearn.models import load_classifier
+
+    clf, ctok = load_classifier(str(gibberish_dir), "eval.gibberish_classifier")
+
+    def alone(text):
+        ids = ctok(text, return_tensors="pt")["input_ids"][:, :32]
+        with torch.no_grad():
+            return torch.softmax(clf(input_ids=ids).logits.float(), -1)[0, 0].item()
+
+    texts = ["a b", "French " * 40, "the novel", "c d a"]  # the second is cut at 32 tokens
+    assert len(ctok(texts[1])["input_ids"]) > 32
+    got = classifier_prob(texts, clf, ctok, batch_size=3)
+    np.testing.assert_allclose(got, [alone(t) for t in texts], atol=1e-5)
+    model, _ = fixed_model
+    rows = [{"question": q, "answer": "a b", "paraphrased_answer": None, "perturbed_answer": []} for q in ("q1", "q2")]
+    metrics, _ = ev.evaluate(model, {"forget": rows})
+    assert "forget_Q_A_gibberish" not in metrics  # off unless a classifier is given
+    ev.gibberish = (clf, ctok)
+    metrics, per = ev.evaluate(model, {"forget": rows, "retain": rows})
+    assert per["forget"].generations == ["a b", "a b"]
+    assert metrics["forget_Q_A_gibberish"] == pytest.approx(alone("a b"), abs=1e-5)
+    assert "retain_Q_A_gibberish" not in metrics  # forget answers only, as open-unlearning
+
+
+def test_the_recipe_key_gives_the_suite_evaluator_its_classifier(fixed_model, gibberish_dir):
+    from robust_unlearn.config import load_recipe
+    from robust_unlearn.metrics.tofu import TofuSuite
+
+    _, tok = fixed_model
+    assert TofuSuite(load_recipe(None, [])).evaluator(tok).gibberish is None
+    ev = TofuSuite(load_recipe(None, [f"eval.gibberish_classifier={gibberish_dir}"])).evaluator(tok)
+    clf, ctok = ev.gibberish
+    assert clf.config.num_labels == 2 and not clf.training
+
+
+def test_gibberish_classifier_bad_input_is_one_line(tmp_path):
+    from robust_unlearn.check import check_recipe
+    from robust_unlearn.errors import UserError
+    from robust_unlearn.models import load_classifier
+
+    with pytest.raises(UserError, match=r"^eval.gibberish_classifier '.*': could not load a sequence classifier"):
+        load_classifier(str(tmp_path), "eval.gibberish_classifier")
+    res = check_recipe(None, [f"eval.gibberish_classifier={tmp_path}"])
+    assert any("eval.gibberish_classifier" in p and "no config.json" in p for p in res.problems), res.problems
+    res = check_recipe(None, ["eval.gibberish_classifier=madhurjindal/autonlp-Gibberish-Detector-492513457"])
+    assert not any("gibberish" in p for p in res.problems)
+    assert any("gibberish_classifier" in n and "not checked offline" in n for n in res.notes)

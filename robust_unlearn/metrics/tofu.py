@@ -6,6 +6,10 @@ Per QA pair, ``nll`` = mean token NLL of an answer given the question (question 
 - ``{split}_Q_A_Prob_normalised`` (real authors, world facts): p(ans) / (p(ans) + sum p(wrong)).
 - ``{split}_Q_A_ROUGE``: ROUGE-L recall (rouge_score, stemmer on) of the greedy answer (up to
   ``max_new_tokens``) against the reference answer.
+- ``{split}_Q_A_distinct_bigrams``: mean over the same greedy answers of their distinct-bigram share
+  (1 - seq-rep-2, ``scoring.distinct_bigram_share``, the quantity the collapse guard reads). Not an
+  open-unlearning metric: it shows answers that loop ("French French French ..."), which lower the
+  forget probability without answering like the oracle, and which the other metrics do not see.
 - truth ratio ``tr = exp(-mean_k nll(wrong_k)) / p(correct)``, where correct = the paraphrased
   answer (forget, retain) or the answer itself (real authors, world facts, which have no paraphrase).
   ``forget_truth_ratio`` = mean(min(tr, 1/tr)); ``{retain,ra,wf}_Truth_Ratio`` = mean(max(0, 1 - tr)).
@@ -15,6 +19,10 @@ Per QA pair, ``nll`` = mean token NLL of an answer given the question (question 
   ``mia_loss``, ``mia_zlib``, ``mia_reference`` (against the retain oracle), ``mia_min_k``,
   ``mia_min_k_plus_plus``, ``mia_gradnorm`` (forget vs holdout AUCs), ``privleak``,
   ``exact_memorization`` and ``extraction_strength`` (``metrics.mia``).
+- with ``eval.gibberish_classifier``: open-unlearning's ``forget_Q_A_gibberish``, the mean over the greedy
+  forget answers of the classifier's softmax probability of class 0 ("clean"), each answer truncated to
+  32 classifier tokens, batches of 32 (locuslab/open-unlearning@d3d7cf9: src/evals/metrics/utility.py,
+  ``classifier_prob``; configs/eval/tofu_metrics/forget_Q_A_gibberish.yaml).
 - ``model_utility``: harmonic mean of retain_Q_A_Prob, retain_Q_A_ROUGE, retain_Truth_Ratio,
   ra_Q_A_Prob_normalised, ra_Q_A_ROUGE, ra_Truth_Ratio, wf_Q_A_Prob_normalised, wf_Q_A_ROUGE,
   wf_Truth_Ratio; skipped (with a warning) when one of them could not be computed.
@@ -30,7 +38,8 @@ from scipy import stats
 
 from ..data.benchmarks import QA_SPLITS
 from ..data.collate import QAFormatter, formatter_for
-from ..scoring import per_item_sharded, qa_gradnorms, qa_mean_nll, qa_pass_sharded, qa_token_details
+from ..scoring import (distinct_bigram_share, per_item_sharded, qa_gradnorms, qa_mean_nll, qa_pass_sharded,
+                       qa_token_details)
 from . import mia
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,8 @@ class SplitStats:
     truth_ratio: np.ndarray | None = None
     normalised: np.ndarray | None = None
     rouge: np.ndarray | None = None
+    distinct_bigrams: np.ndarray | None = None  # per greedy answer (scoring.distinct_bigram_share)
+    gibberish: np.ndarray | None = None  # per greedy answer: the classifier's P(clean) (eval.gibberish_classifier)
     generations: list[str] = field(default_factory=list)
     mia: dict | None = None  # attack -> per-example scores (forget and holdout, with eval.catalogue)
 
@@ -61,6 +72,21 @@ class OracleReference:
     forget_nll: np.ndarray | None = None
     holdout_nll: np.ndarray | None = None
     min_k_auc: float | None = None
+
+
+def classifier_prob(texts: list[str], classifier, tok, batch_size: int = 32, max_length: int = 32,
+                    class_id: int = 0) -> np.ndarray:
+    """Per text: the sequence classifier's softmax probability of ``class_id``, each text truncated to
+    ``max_length`` of its tokens (open-unlearning's ``classifier_prob``; its gibberish settings by default)."""
+    import torch
+
+    out: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i: i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = {k: v.to(classifier.device) for k, v in enc.items()}
+        with torch.no_grad():
+            out += torch.softmax(classifier(**enc).logits.float(), dim=-1)[:, class_id].cpu().tolist()
+    return np.array(out)
 
 
 def forget_quality(model_tr: np.ndarray, oracle_tr: np.ndarray) -> float:
@@ -82,6 +108,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.rouge = rouge
+        self.gibberish = None  # (classifier, tokenizer): forget_Q_A_gibberish (eval.gibberish_classifier)
         self._scorer = None
 
     # -- batched model passes -------------------------------------------------------------
@@ -136,6 +163,7 @@ class Evaluator:
         if generations is not None:
             st.generations = generations
             st.rouge = self.rouge_recall([r["answer"] for r in rows], generations)
+            st.distinct_bigrams = np.array([distinct_bigram_share(g) for g in generations])
         return st
 
     def _wants_rouge(self, split: str, with_rouge: bool | None = None) -> bool:
@@ -182,6 +210,10 @@ class Evaluator:
             metrics[f"{pre}_Q_A_Prob"] = float(st.prob.mean())
             if st.rouge is not None:
                 metrics[f"{pre}_Q_A_ROUGE"] = float(st.rouge.mean())
+                metrics[f"{pre}_Q_A_distinct_bigrams"] = float(st.distinct_bigrams.mean())
+                if split == "forget" and self.gibberish is not None:
+                    st.gibberish = classifier_prob(st.generations, *self.gibberish)
+                    metrics["forget_Q_A_gibberish"] = float(st.gibberish.mean())
             if st.truth_ratio is not None:
                 name = "forget_truth_ratio" if split == "forget" else f"{pre}_Truth_Ratio"
                 metrics[name] = truth_ratio_aggregate(st.truth_ratio, split)
@@ -296,6 +328,10 @@ class TofuSuite:
     def evaluator(self, tok) -> Evaluator:
         e = self.cfg["eval"]
         ev = Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"], e["catalogue"])
+        if e["gibberish_classifier"]:
+            from ..models import load_classifier
+
+            ev.gibberish = load_classifier(e["gibberish_classifier"], "eval.gibberish_classifier")
         from accelerate.state import PartialState
 
         state = PartialState()
