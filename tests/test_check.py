@@ -165,6 +165,8 @@ def test_tofu_recipes_fit_their_architecture(tmp_path, recipe, arch):
     res = check_recipe(REPO / "recipes" / recipe, [f"model.target={d}", f"model.oracle={d}"])
     assert res.problems == [], res.problems
     assert f"{arch['num_hidden_layers']} layers" in res.models["target"]
+    # their gptq4-g128 / awq4-g128 columns' group was checked against these layer widths
+    assert "gptq4-g128" in res.cfg["sweep"]["compressions"] and not any("groups of" in n for n in res.notes)
     res = check_recipe(REPO / "recipes" / recipe, [f"model.target={d}", f"model.oracle={d}",
                                                    f"unlearn.per_method.RMU.rmu_layer={arch['num_hidden_layers']}"])
     assert any("is out of range" in p for p in res.problems)
