@@ -112,6 +112,8 @@ def verdict(rows: list[dict], margin: float = HOLDS_MARGIN) -> list[dict]:
     models, comps = sweep_order(rows)
     oracle = next((value[k] for k in value if k[0] == "oracle" and k[2] == "none" and k[3] == f), None)
     oracle_col = {k[2]: v for k, v in value.items() if k[0] == "oracle" and k[3] == f}  # the oracle per column
+    a = ms.answers
+    oracle_answers = next((value[k] for k in value if k[0] == "oracle" and k[2] == "none" and k[3] == a), None)
     out = []
     for m in models:
         if m[0] == "oracle" or (*m, "none", f) not in value:
@@ -125,7 +127,8 @@ def verdict(rows: list[dict], margin: float = HOLDS_MARGIN) -> list[dict]:
         out.append({"model": m[0], "method": m[1], "metric": f, "none": base,
                     "worst": worst[0] if worst else None, "worst_value": worst[1] if worst else None,
                     "utility_metric": ms.utility, "utility": value.get((*m, "none", ms.utility)),
-                    "oracle": oracle, "holds": holds, "margin": margin})
+                    "oracle": oracle, "holds": holds, "margin": margin,
+                    "answers_metric": a, "answers": value.get((*m, "none", a)), "oracle_answers": oracle_answers})
     return out
 
 
@@ -135,18 +138,24 @@ def verdict_section(rows: list[dict], margin: float = HOLDS_MARGIN) -> list[str]
     if not v:
         return []
     f, u, oracle = v[0]["metric"], v[0]["utility_metric"], v[0]["oracle"]
+    answers = any(e["answers"] is not None for e in v)
     bar = (f"within {margin:g} of the retain oracle's {_fmt(oracle)} uncompressed, and under every column within "
            f"{margin:g} of the oracle's value in that column where the oracle was swept"
            if oracle is not None else "no retain oracle in this ledger: not judged")
     lines = ["## Verdict", "",
              f"Does the forgetting hold? `{f}` uncompressed, its worst compressed column, `{u}` uncompressed; "
              f"holds = {bar}.", "",
-             f"| model | {f} | worst column | worst {f} | {u} | holds |", "|---|---|---|---|---|---|"]
+             f"| model | {f} | worst column | worst {f} | {u} | holds |" + (" answers |" if answers else ""),
+             "|---|---|---|---|---|---|" + ("---|" if answers else "")]
     for e in v:
         label = _label((e["model"], e["method"]))
         holds = "–" if e["holds"] is None else ("**yes**" if e["holds"] else "no")
         lines.append(f"| {label} | {_fmt(e['none'])} | {e['worst'] or '–'} | {_fmt(e['worst_value'])} | "
-                     f"{_fmt(e['utility'])} | {holds} |")
+                     f"{_fmt(e['utility'])} | {holds} |" + (f" {_fmt(e['answers'])} |" if answers else ""))
+    if answers:
+        lines += ["", f"answers: `{v[0]['answers_metric']}` uncompressed (1.0: no forget answer repeats a word pair; "
+                  f"the retain oracle's: {_fmt(v[0]['oracle_answers'])}). Well under the oracle's, the forget "
+                  "answers loop: the low forget metric is not the oracle's kind of forgetting."]
     return lines + [""]
 
 
@@ -392,7 +401,8 @@ def write_study_report(study_dir: str | Path, info: dict | None = None) -> Path:
     lines += ["", "Per run: the forget metric uncompressed and under each column, the worst column, utility and "
               "its share of the target's. **holds**: worst column <= uncompressed + "
               f"{margin:g} and <= the retain oracle's + {margin:g}; **x back**: worst column / uncompressed "
-              "(>= 2: the published failure); *last good state*: the collapse guard stopped it and saved its last "
+              "(>= 2: the published failure); **answers** (where the ledger has it): how the forget answers read "
+              "uncompressed, 1.0 when none loops (the oracle's in brackets); *last good state*: the collapse guard stopped it and saved its last "
               "state above the floor; *collapsed, nothing saved*: it stopped before any such state. Over seeds: "
               "mean [95% t-interval] (min–max) of the runs that saved a model; holds and x back count every run.", ""]
     sets = list(dict.fromkeys(e["forget_set"] for e in entries))
@@ -401,22 +411,25 @@ def write_study_report(study_dir: str | Path, info: dict | None = None) -> Path:
         f, u = es[0]["metric"], es[0]["utility_metric"]
         comps = list(dict.fromkeys(c for e in es for c in e["columns"] if c != "none"))
         seeds = sorted({e["seed"] for e in es})
+        answers = any(e.get("answers") is not None for e in es)  # the forget answers' fluency (verdict)
         lines += [f"## {fs}: {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})", "",
-                  f"| model | seed | {f} | " + " | ".join(comps) + f" | worst | {u} | kept | oracle | holds | x back |",
-                  "|---|---|---|" + "---|" * len(comps) + "---|---|---|---|---|---|"]
+                  f"| model | seed | {f} | " + " | ".join(comps) + f" | worst | {u} | kept | oracle | holds | x back |"
+                  + (" answers (oracle) |" if answers else ""),
+                  "|---|---|---|" + "---|" * len(comps) + "---|---|---|---|---|---|" + ("---|" if answers else "")]
         models = list(dict.fromkeys(e["model"] for e in es))
         for m in models:
             for e in (e for e in es if e["model"] == m):
                 c = run_checks(e, margin)
                 if e.get("collapsed"):
                     lines.append(f"| {m} | {e['seed']} | collapsed, nothing saved | " + " | ".join("–" for _ in comps)
-                                 + f" | – | – | – | {_fmt(e['oracle'])} | **no** | – |")
+                                 + f" | – | – | – | {_fmt(e['oracle'])} | **no** | – |" + (" – |" if answers else ""))
                     continue
                 label = f"{m} (last good state)" if e.get("state") else m
                 lines.append(f"| {label} | {e['seed']} | {_fmt(e['none'])} | " + " | ".join(_fmt(e['columns'].get(x)) for x in comps)
                              + f" | {e['worst'] or '–'} {_fmt(e['worst_value'])} | {_fmt(e['utility'])} | "
                              f"{_fmt(c['utility_kept'])} | {_fmt(e['oracle'])} | "
-                             f"{'–' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} | {_fmt(c['recovery'])} |")
+                             f"{'–' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} | {_fmt(c['recovery'])} |"
+                             + (f" {_fmt(e.get('answers'))} ({_fmt(e.get('oracle_answers'))}) |" if answers else ""))
         lines += ["", f"Over seeds ({fs}):", "",
                   f"| model | runs | {f} | worst column | {u} | kept | holds | x back >= 2 |", "|---|---|---|---|---|---|---|---|"]
         for m in models:

@@ -89,6 +89,16 @@ def test_verdict_takes_the_worst_column_and_judges_against_the_oracle(tmp_path):
     text = write_report(tmp_path).read_text()
     assert text.index("## Verdict") < text.index("## Forgetting and utility")  # the report leads with it
     assert "| GradDiff | 0.080 | prune30 | 0.700 | 0.900 | no |" in text
+    assert "answers" not in text.split("## Verdict")[1].split("##")[0]  # no such metric in this ledger
+    # with the forget answers' distinct-bigram share in the ledger, the verdict shows it and the oracle's
+    loops = rows + [row("oracle", "none", "none", "forget_Q_A_distinct_bigrams", 0.98),
+                    row("Robust", "Robust", "none", "forget_Q_A_distinct_bigrams", 0.41)]
+    v = {e["model"]: e for e in verdict(loops, margin=0.05)}
+    assert (v["Robust"]["answers"], v["Robust"]["oracle_answers"], v["GradDiff"]["answers"]) == (0.41, 0.98, None)
+    Ledger(tmp_path / "results.jsonl").append(loops)
+    verdict_text = write_report(tmp_path).read_text().split("## Verdict")[1].split("\n## ")[0]
+    assert "| Robust | 0.070 | nf4 | 0.120 | – | **yes** | 0.410 |" in verdict_text
+    assert "the retain oracle's: 0.980" in verdict_text
     # a column the oracle went through too is judged against the oracle's value in it (issue 13): relearning
     # lifts a model that never knew the answers as well
     more = rows + [row("oracle", "none", "relearn-retain", "forget_Q_A_Prob", 0.30),

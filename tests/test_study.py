@@ -136,3 +136,19 @@ def test_degenerate_answers_counts_repeated_words_in_stored_generations(tmp_path
     assert "| forget01/seed2 | m-abc-def | 2/4 (0.923) | 0/1 (1.000) |" in out
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and "no stats" in bad.stderr
+
+
+def test_the_study_table_shows_how_the_forget_answers_read_when_the_ledger_has_it(study_dir):
+    """forget_Q_A_distinct_bigrams (uncompressed) next to each run, the oracle's in brackets: a low forget
+    probability reached by looping answers shows there."""
+    text = write_study_report(study_dir).read_text()
+    assert "answers (oracle)" not in text
+    run = study_dir / "forget10" / "seed0"
+    extra = [{"model": m, "method": m if m != "oracle" else "none", "compression": "none",
+              "metric": "forget_Q_A_distinct_bigrams", "value": v} for m, v in (("oracle", 0.98), ("Robust_GradDiff", 0.41))]
+    with open(run / "results.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in extra))
+    text = write_study_report(study_dir).read_text()
+    assert "| x back | answers (oracle) |" in text
+    assert "| Robust_GradDiff | 0 | 0.090 | 0.120 | nf4 0.120 | 0.850 | 0.944 | 0.100 | yes | 1.333 | 0.410 (0.980) |" in text
+    assert "| GradDiff | 1 | 0.100 | 0.150 | nf4 0.150 | 0.790 | 0.988 | 0.120 | yes | 1.500 | – (–) |" in text

@@ -37,6 +37,9 @@ class Metrics:
     # metric -> the ledger's split, where it is not the metric name's first part (metrics.split_of)
     ledger_splits: tuple[tuple[str, str], ...] = ()
     forget_lower_is_better: bool = True  # lower = more forgotten
+    # how the forget answers read (1.0: no answer loops), shown next to the verdict where in the ledger: a
+    # low forget metric reached by answers that loop is not the oracle's kind of forgetting
+    answers: str | None = None
     utility_lower_is_better: bool = False  # higher = more utility kept
 
     @property
@@ -89,6 +92,7 @@ TOFU_METRICS = Metrics(
     main=("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "forget_quality", "model_utility",
           "retain_Q_A_Prob", "retain_Q_A_ROUGE", "holdout_Q_A_Prob"),
     pivot=("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_quality", "model_utility"),
+    answers="forget_Q_A_distinct_bigrams",
     note_metric="forget_Q_A_Prob",
     note="Metrics follow TOFU (Maini et al. 2024) as open-unlearning computes them; "
          "see `robust_unlearn/metrics/tofu.py` for the exact definitions.",
