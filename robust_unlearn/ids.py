@@ -52,9 +52,11 @@ def eval_id(cfg: dict, bench) -> str:
     """An evaluation setup's id (16 hex): the eval settings, the prompt format and every evaluated
     split's fingerprint."""
     # eval.catalogue only adds metrics: off, it leaves the ids made before it existed as they were
-    # eval.catalogue and eval.input_format at their defaults leave the ids made before they existed as they were
+    # eval.catalogue, eval.input_format and eval.gibberish_classifier at their defaults leave the ids made before
+    # they existed as they were
     ev = {k: v for k, v in cfg["eval"].items()
-          if not ((k == "catalogue" and not v) or (k == "input_format" and v == "default"))}
+          if not ((k == "catalogue" and not v) or (k == "input_format" and v == "default")
+                  or (k == "gibberish_classifier" and v is None))}
     spec = {"eval": ev, "prompt": prompt_spec(cfg),
             "data": {s: fingerprint(bench[s]) for s in bench if not s.startswith("train_")}}
     return stable_hash(spec)[:16]

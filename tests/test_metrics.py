@@ -243,3 +243,19 @@ def test_gibberish_classifier_bad_input_is_one_line(tmp_path):
     res = check_recipe(None, ["eval.gibberish_classifier=madhurjindal/autonlp-Gibberish-Detector-492513457"])
     assert not any("gibberish" in p for p in res.problems)
     assert any("gibberish_classifier" in n and "not checked offline" in n for n in res.notes)
+
+
+def test_the_classifier_key_at_its_default_keeps_the_evaluation_ids_made_before_it():
+    """eval.gibberish_classifier null leaves eval_id as it was without the key (cached evaluations and
+    resumed sweeps stay valid); a classifier is part of the id."""
+    import copy
+
+    from robust_unlearn.config import load_recipe
+    from robust_unlearn.ids import eval_id
+
+    cfg = load_recipe(None, [])
+    bench = {"forget": [{"question": "q", "answer": "a"}]}
+    before = copy.deepcopy(cfg)
+    del before["eval"]["gibberish_classifier"]
+    assert eval_id(cfg, bench) == eval_id(before, bench)
+    assert eval_id(load_recipe(None, ["eval.gibberish_classifier=some/classifier"]), bench) != eval_id(cfg, bench)
