@@ -87,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
         # open-unlearning's forget_Q_A_gibberish: a sequence classifier (hub id or directory) whose class 0
         # is "clean", run on the greedy forget answers; open-unlearning's is
         # madhurjindal/autonlp-Gibberish-Detector-492513457 (locuslab/open-unlearning@d3d7cf9:
-        # configs/eval/tofu_metrics/forget_Q_A_gibberish.yaml). null: off, as there by default
+        # configs/eval/tofu_metrics/forget_Q_A_gibberish.yaml; on MUSE its forget_gibberish). null: off, as there
         "gibberish_classifier": None,
     },
     "unlearn": {

@@ -188,3 +188,20 @@ def tiny_models(cache_dir) -> TinyModels:
     target, target_key = pipeline.target_checkpoint(cfg, bench)
     oracle, oracle_key = pipeline.oracle_checkpoint(cfg, bench)
     return TinyModels(cache, overrides, cfg, bench, target, target_key, oracle, oracle_key)
+
+
+@pytest.fixture(scope="session")
+def gibberish_dir(tmp_path_factory):
+    """A tiny sequence classifier (random weights, two classes) and its tokenizer, saved as a checkpoint."""
+    from transformers import LlamaForSequenceClassification
+
+    from robust_unlearn.models import tiny_config, train_tokenizer
+
+    tok = train_tokenizer(["a b c d French author wrote the novel"] * 8, 300)
+    with torch.random.fork_rng():  # the other tests' random state is left as it was
+        torch.manual_seed(0)
+        clf = LlamaForSequenceClassification(tiny_config(len(tok), num_labels=2))
+    out = tmp_path_factory.mktemp("gibberish")
+    clf.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

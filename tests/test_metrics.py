@@ -176,22 +176,6 @@ def test_one_pass_generation_equals_model_generate(tmp_path):
         scoring.greedy_from_cache = real
 
 
-@pytest.fixture(scope="module")
-def gibberish_dir(tmp_path_factory):
-    """A tiny sequence classifier (random weights, two classes) and its tokenizer, saved as a checkpoint."""
-    from transformers import LlamaForSequenceClassification
-
-    from robust_unlearn.models import tiny_config, train_tokenizer
-
-    tok = train_tokenizer(["a b c d French author wrote the novel"] * 8, 300)
-    torch.manual_seed(0)
-    clf = LlamaForSequenceClassification(tiny_config(len(tok), num_labels=2))
-    out = tmp_path_factory.mktemp("gibberish")
-    clf.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def test_forget_gibberish_is_the_classifiers_mean_clean_probability(fixed_model, ev, gibberish_dir):
     """open-unlearning's forget_Q_A_gibberish: mean softmax P(class 0) over the greedy forget answers, each
     truncated to 32 classifier tokens; here against each text scored alone (no batching, no padding)."""

@@ -169,3 +169,26 @@ def test_recipe_is_muse_setting():
     s = method_settings(cfg, "SimNPO")  # Fan et al.'s MUSE-News setting, not their TOFU one (issue 14)
     assert (s["simnpo_beta"], s["gamma"], s["alpha"], s["simnpo_delta"]) == (0.7, 1.0, 0.1, 0.1)
     assert cfg["sweep"]["compressions"] == ["none", "int8", "nf4", "fp4", "rtn4-g128", "prune10", "prune20", "prune30"]
+
+
+def test_forget_gibberish_on_the_verbatim_continuations(fixed_model, gibberish_dir):
+    """open-unlearning's MUSE forget_gibberish: the classifier's mean P(class 0) over the verbmem
+    continuations, each cut at 512 classifier tokens; off without eval.gibberish_classifier."""
+    import datasets
+
+    from robust_unlearn.metrics.classifier import classifier_prob
+    from robust_unlearn.models import load_classifier
+
+    model, tok = fixed_model
+    ev = muse.MuseEvaluator(tok, max_length=64, batch_size=2)
+    bench = datasets.DatasetDict({"verbmem_forget": datasets.Dataset.from_list(
+        [{"prompt": "Answer:", "gt": "a b c"}, {"prompt": "Answer: a", "gt": "d"}])})
+    metrics, _ = ev.evaluate(model, bench, splits=("verbmem_forget",))
+    assert "forget_gibberish" not in metrics
+    clf, ctok = ev.gibberish = load_classifier(str(gibberish_dir), "eval.gibberish_classifier")
+    metrics, per = ev.evaluate(model, bench, splits=("verbmem_forget",))
+    gens = per["verbmem_forget"].generations
+    assert all(gens), gens  # (an empty text has no token for this tokenizer to classify)
+    want = [classifier_prob([g], clf, ctok, batch_size=1, max_length=512)[0] for g in gens]
+    np.testing.assert_allclose(per["verbmem_forget"].gibberish, want, atol=1e-5)
+    assert metrics["forget_gibberish"] == pytest.approx(np.mean(want), abs=1e-6)

@@ -18,6 +18,9 @@ Base models, no chat template. Generation is greedy, batched with left padding.
   the retain oracle's uncompressed ``mia_min_k`` (so 0 for the oracle itself; without an oracle 0.5,
   open-unlearning's ``ref_value``; 1e-10 is added to the denominator, as open-unlearning). Near 0 is
   good; strongly negative (the target: about -100) = the forget set still leaks.
+- with ``eval.gibberish_classifier``: open-unlearning's ``forget_gibberish``, the mean over the verbatim
+  continuations of the classifier's P(class 0, "clean"), each cut at 512 classifier tokens
+  (``metrics.classifier``; configs/eval/muse_metrics/forget_gibberish.yaml).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from tqdm.auto import tqdm
 from ..data.benchmarks import MUSE_SPLITS
 from ..data.collate import collate_prompts, collate_text
 from ..scoring import TokenizedEval, token_nll
+from .classifier import GIBBERISH_CLASS, GIBBERISH_MAX_LENGTH, classifier_prob
 from .mia import NO_ORACLE_AUC, auc, min_k_score, privleak
 from .stats import load_stats
 
@@ -50,6 +54,7 @@ class GenStats:
     """One generation split: per-row ROUGE-L F1 and the generations."""
     rouge: np.ndarray
     generations: list[str] = field(default_factory=list)
+    gibberish: np.ndarray | None = None  # per generation: the classifier's P(clean) (eval.gibberish_classifier)
 
 
 @dataclass
@@ -78,6 +83,7 @@ def cut_at_stop(text: str, stops=STOP_STRINGS) -> str:
 class MuseEvaluator(TokenizedEval):
     def __init__(self, tokenizer, max_length: int = 2048, batch_size: int = 32):
         super().__init__(tokenizer, max_length, batch_size)
+        self.gibberish = None  # (classifier, tokenizer): forget_gibberish (eval.gibberish_classifier)
         self._scorer = None
 
     def rouge_f1(self, references: list[str], generations: list[str]) -> np.ndarray:
@@ -150,6 +156,10 @@ class MuseEvaluator(TokenizedEval):
                                  "generate verbmem")
             st = per["verbmem_forget"] = GenStats(self.rouge_f1([r["gt"] for r in rows], gens), gens)
             metrics["forget_verbmem_ROUGE"] = float(st.rouge.mean())
+            if self.gibberish is not None:
+                st.gibberish = classifier_prob(gens, *self.gibberish, max_length=GIBBERISH_MAX_LENGTH["muse"],
+                                               class_id=GIBBERISH_CLASS)
+                metrics["forget_gibberish"] = float(st.gibberish.mean())
         for which in ("forget", "retain"):
             name = f"knowmem_{which}"
             if name not in splits or name not in bench:
@@ -196,4 +206,9 @@ class MuseSuite:
         return float(a) if a is not None else None
 
     def evaluator(self, tok) -> MuseEvaluator:
-        return MuseEvaluator(tok, self.cfg["model"]["max_length"], self.cfg["eval"]["batch_size"])
+        ev = MuseEvaluator(tok, self.cfg["model"]["max_length"], self.cfg["eval"]["batch_size"])
+        if self.cfg["eval"]["gibberish_classifier"]:
+            from ..models import load_classifier
+
+            ev.gibberish = load_classifier(self.cfg["eval"]["gibberish_classifier"], "eval.gibberish_classifier")
+        return ev

@@ -41,6 +41,7 @@ from ..data.collate import QAFormatter, formatter_for
 from ..scoring import (distinct_bigram_share, per_item_sharded, qa_gradnorms, qa_mean_nll, qa_pass_sharded,
                        qa_token_details)
 from . import mia
+from .classifier import GIBBERISH_CLASS, GIBBERISH_MAX_LENGTH, classifier_prob
 
 log = logging.getLogger(__name__)
 
@@ -72,21 +73,6 @@ class OracleReference:
     forget_nll: np.ndarray | None = None
     holdout_nll: np.ndarray | None = None
     min_k_auc: float | None = None
-
-
-def classifier_prob(texts: list[str], classifier, tok, batch_size: int = 32, max_length: int = 32,
-                    class_id: int = 0) -> np.ndarray:
-    """Per text: the sequence classifier's softmax probability of ``class_id``, each text truncated to
-    ``max_length`` of its tokens (open-unlearning's ``classifier_prob``; its gibberish settings by default)."""
-    import torch
-
-    out: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i: i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        enc = {k: v.to(classifier.device) for k, v in enc.items()}
-        with torch.no_grad():
-            out += torch.softmax(classifier(**enc).logits.float(), dim=-1)[:, class_id].cpu().tolist()
-    return np.array(out)
 
 
 def forget_quality(model_tr: np.ndarray, oracle_tr: np.ndarray) -> float:
@@ -212,7 +198,8 @@ class Evaluator:
                 metrics[f"{pre}_Q_A_ROUGE"] = float(st.rouge.mean())
                 metrics[f"{pre}_Q_A_distinct_bigrams"] = float(st.distinct_bigrams.mean())
                 if split == "forget" and self.gibberish is not None:
-                    st.gibberish = classifier_prob(st.generations, *self.gibberish)
+                    st.gibberish = classifier_prob(st.generations, *self.gibberish,
+                                                   max_length=GIBBERISH_MAX_LENGTH["tofu"], class_id=GIBBERISH_CLASS)
                     metrics["forget_Q_A_gibberish"] = float(st.gibberish.mean())
             if st.truth_ratio is not None:
                 name = "forget_truth_ratio" if split == "forget" else f"{pre}_Truth_Ratio"

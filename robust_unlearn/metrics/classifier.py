@@ -1,0 +1,27 @@
+"""Text classifiers as metrics: open-unlearning's ``classifier_prob`` (locuslab/open-unlearning@d3d7cf9:
+src/evals/metrics/utility.py), which its ``forget_Q_A_gibberish`` (TOFU) and ``forget_gibberish`` (MUSE)
+run with a gibberish detector (configs/eval/{tofu,muse}_metrics/). The classifier comes from
+``eval.gibberish_classifier`` (``models.load_classifier``)."""
+from __future__ import annotations
+
+import numpy as np
+
+# open-unlearning's settings of the gibberish metrics: class 0 ("clean"), batches of 32, each text cut at
+# 32 classifier tokens for TOFU's answers and 512 for MUSE's verbatim continuations
+GIBBERISH_CLASS = 0
+GIBBERISH_MAX_LENGTH = {"tofu": 32, "muse": 512}
+
+
+def classifier_prob(texts: list[str], classifier, tok, batch_size: int = 32, max_length: int = 32,
+                    class_id: int = 0) -> np.ndarray:
+    """Per text: the sequence classifier's softmax probability of ``class_id``, each text truncated to
+    ``max_length`` of its tokens (open-unlearning's ``classifier_prob``; its gibberish settings by default)."""
+    import torch
+
+    out: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i: i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        enc = {k: v.to(classifier.device) for k, v in enc.items()}
+        with torch.no_grad():
+            out += torch.softmax(classifier(**enc).logits.float(), dim=-1)[:, class_id].cpu().tolist()
+    return np.array(out)
