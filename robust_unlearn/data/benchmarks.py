@@ -37,10 +37,10 @@ class Metrics:
     # metric -> the ledger's split, where it is not the metric name's first part (metrics.split_of)
     ledger_splits: tuple[tuple[str, str], ...] = ()
     forget_lower_is_better: bool = True  # lower = more forgotten
+    utility_lower_is_better: bool = False  # higher = more utility kept
     # how the forget answers read (1.0: no answer loops), shown next to the verdict where in the ledger: a
     # low forget metric reached by answers that loop is not the oracle's kind of forgetting
     answers: str | None = None
-    utility_lower_is_better: bool = False  # higher = more utility kept
 
     @property
     def forget_metric(self) -> str:

@@ -25,3 +25,13 @@ def classifier_prob(texts: list[str], classifier, tok, batch_size: int = 32, max
         with torch.no_grad():
             out += torch.softmax(classifier(**enc).logits.float(), dim=-1)[:, class_id].cpu().tolist()
     return np.array(out)
+
+
+def gibberish_classifier(cfg: dict):
+    """-> (classifier, tokenizer) of the recipe's ``eval.gibberish_classifier``, or None when it is null."""
+    name = cfg["eval"]["gibberish_classifier"]
+    if not name:
+        return None
+    from ..models import load_classifier
+
+    return load_classifier(name, "eval.gibberish_classifier")

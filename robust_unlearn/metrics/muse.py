@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..data.benchmarks import MUSE_SPLITS
 from ..data.collate import collate_prompts, collate_text
 from ..scoring import TokenizedEval, token_nll
-from .classifier import GIBBERISH_CLASS, GIBBERISH_MAX_LENGTH, classifier_prob
+from .classifier import GIBBERISH_CLASS, GIBBERISH_MAX_LENGTH, classifier_prob, gibberish_classifier
 from .mia import NO_ORACLE_AUC, auc, min_k_score, privleak
 from .stats import load_stats
 
@@ -207,8 +207,5 @@ class MuseSuite:
 
     def evaluator(self, tok) -> MuseEvaluator:
         ev = MuseEvaluator(tok, self.cfg["model"]["max_length"], self.cfg["eval"]["batch_size"])
-        if self.cfg["eval"]["gibberish_classifier"]:
-            from ..models import load_classifier
-
-            ev.gibberish = load_classifier(self.cfg["eval"]["gibberish_classifier"], "eval.gibberish_classifier")
+        ev.gibberish = gibberish_classifier(self.cfg)
         return ev

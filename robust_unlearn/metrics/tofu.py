@@ -41,7 +41,7 @@ from ..data.collate import QAFormatter, formatter_for
 from ..scoring import (distinct_bigram_share, per_item_sharded, qa_gradnorms, qa_mean_nll, qa_pass_sharded,
                        qa_token_details)
 from . import mia
-from .classifier import GIBBERISH_CLASS, GIBBERISH_MAX_LENGTH, classifier_prob
+from .classifier import GIBBERISH_CLASS, GIBBERISH_MAX_LENGTH, classifier_prob, gibberish_classifier
 
 log = logging.getLogger(__name__)
 
@@ -315,10 +315,7 @@ class TofuSuite:
     def evaluator(self, tok) -> Evaluator:
         e = self.cfg["eval"]
         ev = Evaluator(formatter_for(tok, self.cfg), e["batch_size"], e["max_new_tokens"], e["rouge"], e["catalogue"])
-        if e["gibberish_classifier"]:
-            from ..models import load_classifier
-
-            ev.gibberish = load_classifier(e["gibberish_classifier"], "eval.gibberish_classifier")
+        ev.gibberish = gibberish_classifier(self.cfg)
         from accelerate.state import PartialState
 
         state = PartialState()
