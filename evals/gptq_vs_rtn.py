@@ -19,7 +19,9 @@ Columns (all W4, group ``--group``, lm_head kept, the model evaluated in fp32):
 ``--calibrations`` picks which of the last two run; the quantizers' settings (AWQ's ``n_grid`` and duo
 scaling, GPTQ's dampening) are the recipe's ``sweep.calibration``, overridable on the command line.
 Evaluated on the built-in holdout split (18 questions no model trained on) and on the first 200 pairs of
-TOFU's forget10 (text this model never saw, disjoint from retain90): mean answer NLL per question.
+TOFU's forget10 (text this model never saw, disjoint from retain90): mean answer NLL per question. A
+second table gives each column's per-question difference from RTN on the calibrated method's grid, with
+its 95% t-interval over questions (paired).
 """
 from __future__ import annotations
 
@@ -43,11 +45,13 @@ from robust_unlearn.data.collate import formatter_for  # noqa: E402
 from robust_unlearn.models import load_model  # noqa: E402
 from robust_unlearn.quant import parse_format  # noqa: E402
 from robust_unlearn.quant.calibrated import Calibration, _args, _cpu_safe, _quiet, load_dequantized, quantizer_settings  # noqa: E402
+from robust_unlearn.report import interval  # noqa: E402
 from robust_unlearn.scoring import qa_pass  # noqa: E402
 
 
-def nll(model, fmt, pairs, batch) -> float:
-    return float(np.mean(qa_pass(model, fmt, pairs, [], batch)[0]))
+def nll(model, fmt, pairs, batch) -> np.ndarray:
+    """Mean answer NLL of each (question, answer)."""
+    return np.asarray(qa_pass(model, fmt, pairs, [], batch)[0], dtype=np.float64)
 
 
 def rtn_on_grid(model, fmt_name: str):
@@ -114,16 +118,30 @@ def main() -> None:
           f"{quantizer}\n")
     print("| column | holdout NLL | vs fp32 | TOFU forget10 NLL | vs fp32 | seconds |")
     print("|---|---|---|---|---|---|")
-    base = None
+    per = {}  # column -> (holdout NLLs, TOFU NLLs), per question
     for name, fn in cols:
-        t0 = time.time()
+        start = time.time()
         m = fn(copy.deepcopy(model))
-        h, t = nll(m, fmt, holdout, bs), nll(m, fmt, tofu_eval, bs)
-        if base is None:
-            base = (h, t)
-        print(f"| {name} | {h:.4f} | {h - base[0]:+.4f} | {t:.4f} | {t - base[1]:+.4f} | {time.time() - t0:.0f} |",
+        per[name] = (nll(m, fmt, holdout, bs), nll(m, fmt, tofu_eval, bs))
+        h, t = (x.mean() for x in per[name])
+        h_fp, t_fp = (x.mean() for x in per[cols[0][0]])  # the first column is fp32
+        print(f"| {name} | {h:.4f} | {h - h_fp:+.4f} | {t:.4f} | {t - t_fp:+.4f} | {time.time() - start:.0f} |",
               flush=True)
         del m
+    # the calibrated columns against RTN on their own grid, question by question: is the difference more
+    # than the spread over questions? (paired; mean [95% t-interval]; negative: the calibrated column better)
+    ref = cols[2][0]
+    print(f"\nPer question, minus `{ref}` (paired; mean [95% t-interval]; negative: better than RTN on its grid):\n")
+    print("| column | holdout | TOFU forget10 |")
+    print("|---|---|---|")
+    for name, _ in cols[1:]:
+        if name == ref:
+            continue
+        cells = []
+        for k in (0, 1):
+            m_, lo, hi, _, _ = interval(list(per[name][k] - per[ref][k]))
+            cells.append(f"{m_:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":
