@@ -402,8 +402,9 @@ def write_study_report(study_dir: str | Path, info: dict | None = None) -> Path:
               "its share of the target's. **holds**: worst column <= uncompressed + "
               f"{margin:g} and <= the retain oracle's + {margin:g}; **x back**: worst column / uncompressed "
               "(>= 2: the published failure); **answers** (where the ledger has it): how the forget answers read "
-              "uncompressed, 1.0 when none loops (the oracle's in brackets); *last good state*: the collapse guard stopped it and saved its last "
-              "state above the floor; *collapsed, nothing saved*: it stopped before any such state. Over seeds: "
+              "uncompressed, 1.0 when none loops (the oracle's in brackets); *last good state*: the collapse guard "
+              "stopped it and saved its last state above the floor; *collapsed, nothing saved*: it stopped before "
+              "any such state. Over seeds: "
               "mean [95% t-interval] (min–max) of the runs that saved a model; holds and x back count every run.", ""]
     sets = list(dict.fromkeys(e["forget_set"] for e in entries))
     for fs in sets:

@@ -179,7 +179,7 @@ def test_one_pass_generation_equals_model_generate(tmp_path):
 def test_forget_gibberish_is_the_classifiers_mean_clean_probability(fixed_model, ev, gibberish_dir):
     """open-unlearning's forget_Q_A_gibberish: mean softmax P(class 0) over the greedy forget answers, each
     truncated to 32 classifier tokens; here against each text scored alone (no batching, no padding)."""
-    from robust_unlearn.metrics.tofu import classifier_prob
+    from robust_unlearn.metrics.classifier import classifier_prob
     from robust_unlearn.models import load_classifier
 
     clf, ctok = load_classifier(str(gibberish_dir), "eval.gibberish_classifier")
