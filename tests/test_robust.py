@@ -342,3 +342,19 @@ def test_prune_view_trains_through_the_pruned_model_and_restores_it(setup):
     assert probs(cfg2, bench, ckpt)[0] < f0
     with pytest.raises(Exception, match="robust_prune_view 0.3 needs robust_qat true"):
         load_recipe(None, ["unlearn.robust_prune_view=0.3"])
+
+
+def test_saliency_moves_each_batch_to_the_models_device(monkeypatch):
+    """The setup's gradient passes (saliency, attribution, retain Fisher) read a plain DataLoader, whose
+    batches are on the CPU; the model is on the process's device. On a GPU they used to meet there and fail
+    (index on cpu, weights on cuda:0: found on one H200 at 1B). On the CPU this checks the call."""
+    from robust_unlearn.robust import saliency as S
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    monkeypatch.setattr(S, "linear_weights", lambda m: {"0.weight": m[0].weight})
+    sent = []
+    real = S.send_to_device
+    monkeypatch.setattr(S, "send_to_device", lambda b, d: (sent.append(d), real(b, d))[1])
+    batches = [{"x": torch.ones(2, 3)}, {"x": torch.zeros(1, 3)}]
+    S.forget_scores(model, lambda m, b: m(b["x"]).sum(), batches)
+    assert sent == [model[0].weight.device] * 2

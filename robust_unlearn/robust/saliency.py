@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from accelerate.utils import send_to_device
 
 from ..compress import compressible_linears
 from ..weight_stats import kth_quantile
@@ -43,10 +44,11 @@ def _grad_pass(model, loss_fn, loader, names: dict[str, torch.nn.Parameter], red
         p.requires_grad_(False)
     for p in names.values():
         p.requires_grad_(True)
+    device = next(model.parameters()).device
     try:
-        for batch in loader:
+        for batch in loader:  # a plain DataLoader's batches are on the CPU; the model may be on a GPU
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
+            loss = loss_fn(model, send_to_device(batch, device))
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"saliency: loss is {loss.item()} at the target weights")
             loss.backward()
