@@ -261,7 +261,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
             if extra is not None and k in extra:
                 extra[k][:] = v
         if (resume / "constraint.pt").is_file():
-            protocol.load_state_dict(torch.load(resume / "constraint.pt"))
+            protocol.load_state_dict(torch.load(resume / "constraint.pt", map_location=acc.device))  # saved from rank 0's device
         for _ in range(start):  # the same batches as an uninterrupted run from here on
             for name in loaders:
                 next_batch(name)

@@ -181,3 +181,29 @@ def test_open_unlearning_names_are_aliases():
     assert cfg["unlearn"]["per_method"]["CE-U"]["lr"] == 3e-5 and "CEU" not in cfg["unlearn"]["per_method"]
     assert METHODS["NPO"] == ("npo", "gdr") and METHODS["NPO_ForgetOnly"] == ("npo", None)
     assert canonical_method("GradDiff") == "GradDiff"
+
+
+def test_reference_terms_run_where_the_reference_is():
+    """A reference on another device than the batch (a DeepSpeed launch's setup: the model still on the
+    CPU, a whole reference on the GPU) scores the batch on its own device and hands back the batch's: the
+    meta device stands in for the GPU (it refuses CPU operands as CUDA does), so the call fails only if a
+    CPU tensor reaches the reference."""
+    from robust_unlearn.methods import losses as L
+
+    calls = []
+
+    class Ref(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="meta"))
+
+        def forward(self, input_ids, attention_mask):
+            calls.append((input_ids.device.type, attention_mask.device.type))
+            return input_ids.float() + self.w
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    with pytest.raises(NotImplementedError):  # handed back: meta holds no data to copy to the CPU
+        L._with_ref(Ref(), lambda r, b: r(**b), batch)
+    assert calls == [("meta", "meta")]
+    same = {k: v.to("meta") for k, v in batch.items()}
+    assert L._with_ref(Ref(), lambda r, b: r(**b), same).device.type == "meta"

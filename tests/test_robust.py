@@ -358,3 +358,26 @@ def test_saliency_moves_each_batch_to_the_models_device(monkeypatch):
     batches = [{"x": torch.ones(2, 3)}, {"x": torch.zeros(1, 3)}]
     S.forget_scores(model, lambda m, b: m(b["x"]).sum(), batches)
     assert sent == [model[0].weight.device] * 2
+
+
+def test_sparse_update_follows_the_engine_to_its_device():
+    """Under DeepSpeed the step rule starts on the CPU (masks, target values, gradient hooks) and the engine
+    then moves the model to the process's GPU: ``attach`` moves them after it, so the hooks, the revert of
+    unmasked weights and a resumed null-space history meet the weights on one device. The meta device
+    stands in for the GPU here (it refuses CPU operands as CUDA does)."""
+    from robust_unlearn.engine import _Plain
+    from robust_unlearn.robust.update import SparseUpdate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    upd = SparseUpdate(model, {"0.weight": torch.rand(3, 4) > 0.5}, nullspace=2)
+    upd.start()  # on the CPU, as under DeepSpeed before acc.prepare
+    state = {"steps": 1, "retain": [torch.ones(int(upd.masks["0.weight"].sum()))]}
+    with torch.device("meta"):  # the engine's model: the same parameters, placed on its device
+        placed = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    upd.attach(_Plain(), placed)
+    upd.load_state_dict(state)  # a resumed run's history, saved from another device
+    placed(torch.ones(2, 4, device="meta")).sum().backward()  # the hook masks a meta gradient
+    upd.after_step()  # keeps masked weights, reverts the rest: torch.where on one device
+    assert {t.device.type for t in [*upd.masks.values(), *upd.w0.values(), *upd._retain]} == {"meta"}
+    assert placed[0].weight.grad.device.type == "meta"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 
 from ..scoring import answer_logits, answer_nll, token_nll
 
@@ -43,9 +44,21 @@ def token_mean(value: torch.Tensor, batch: dict) -> torch.Tensor:
     return value if scale is None else value * scale
 
 
-def _ref_nll(ref, batch):
+def _with_ref(ref, fn, batch):
+    """``fn(ref, batch)`` without gradients, run where the reference's weights are and returned on the
+    batch's device. They differ under a DeepSpeed launch: its unlearning setup (saliency) runs on the CPU,
+    where the engine has not yet placed the model, beside a whole reference already on the process's GPU."""
+    device = batch["input_ids"].device
+    weight = next(iter(ref.parameters()), None) if hasattr(ref, "parameters") else None
+    ref_device = device if weight is None else weight.device
     with torch.no_grad():
-        return answer_nll(ref, batch)
+        if ref_device == device:
+            return fn(ref, batch)
+        return send_to_device(fn(ref, send_to_device(batch, ref_device)), device)
+
+
+def _ref_nll(ref, batch):
+    return _with_ref(ref, answer_nll, batch)
 
 
 def ga(model, batch, ref=None, **_):
@@ -90,11 +103,10 @@ def undial(model, batch, ref=None, beta: float = 10.0, **_):
     if ref is None:
         raise ValueError("undial needs the frozen reference model")
     logits, labels, attended = _shifted(model, batch)
-    with torch.no_grad():
-        ref_logits, _, _ = _shifted(ref, batch)
-        answer = labels != -100
-        hot = F.one_hot(labels.clamp(min=0), ref_logits.shape[-1]).float() * answer.unsqueeze(-1)
-        target = F.softmax(ref_logits - beta * hot, dim=-1)
+    ref_logits, _, _ = _with_ref(ref, _shifted, batch)
+    answer = labels != -100
+    hot = F.one_hot(labels.clamp(min=0), ref_logits.shape[-1]).float() * answer.unsqueeze(-1)
+    target = F.softmax(ref_logits - beta * hot, dim=-1)  # ref_logits carry no gradient
     ce = -(target * F.log_softmax(logits, -1)).sum(-1)
     return token_mean(ce[attended].mean(), batch)
 
@@ -144,13 +156,11 @@ def klr(model, batch, ref=None, positions: str = "answer", **_):
     if positions == "all":
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         logits = model(**kw).logits.float()
-        with torch.no_grad():
-            ref_logits = ref(**kw).logits.float()
+        ref_logits = _with_ref(ref, lambda r, b: r(**b).logits.float(), kw)
         mask = batch["attention_mask"].bool()
     else:
         logits, target = answer_logits(model, batch)
-        with torch.no_grad():
-            ref_logits, _ = answer_logits(ref, batch)
+        ref_logits, _ = _with_ref(ref, answer_logits, batch)
         mask = target != -100
     logp, ref_logp = F.log_softmax(logits[mask], -1), F.log_softmax(ref_logits[mask], -1)
     return token_mean((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean(), batch)

@@ -124,6 +124,21 @@ class SparseUpdate(Step):
         if model is not None:
             named = dict(model.named_parameters())
             self.params = {n: named[n] if n in named else named[_parametrized(n)] for n in self.params}
+        device = next(iter(self.params.values())).device if self.params else None
+        if device is not None and any(m.device != device for m in self.masks.values()):
+            self._to(device)
+
+    def _to(self, device) -> None:
+        """Masks, target values and the gradient hooks' masks on ``device``, the weights' own. Under DeepSpeed
+        ``start`` runs before the engine places the model (on the CPU), and the engine then moves it to the
+        process's GPU; after training ZeRO-3 hands the whole model back on the CPU."""
+        self.masks = {n: m.to(device) for n, m in self.masks.items()}
+        self.w0 = {n: w.to(device) for n, w in self.w0.items()}
+        self._retain = deque((g.to(device) for g in self._retain), maxlen=self._retain.maxlen)
+        if self._hooks:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = [p.register_hook(lambda g, m=self.masks[n]: g * m) for n, p in self.params.items()]
 
     def forward(self, objective, model, batches: dict) -> torch.Tensor:
         """The loss; with the null-space step the forget term's gradients are taken here (its own
@@ -193,7 +208,8 @@ class SparseUpdate(Step):
     def load_state_dict(self, state: dict) -> None:
         self._steps = state["steps"]
         self._retain.clear()
-        self._retain.extend(state["retain"])
+        device = next(iter(self.masks.values())).device if self.masks else None
+        self._retain.extend(g.to(device) if device is not None else g for g in state["retain"])
 
     def _flat(self, grads) -> torch.Tensor:
         return torch.cat([(g[self.masks[n]] if g is not None
