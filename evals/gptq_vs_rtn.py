@@ -3,13 +3,14 @@ at the same group size, with RTN on the calibrated method's own grid and more ca
 
     python evals/gptq_vs_rtn.py TARGET_DIR --tofu ../shared/data/tofu [--method gptq|awq] [--group 64] \
         [--samples 64] [--length 256] [--calibrations builtin,tofu] [recipe overrides, e.g.
-        sweep.calibration.awq_n_grid=20 sweep.calibration.awq_duo_scaling=false]
+        sweep.calibration.awq_n_grid=20 sweep.calibration.awq_duo_scaling=false sweep.calibration.weight_observer=mse]
 
 Columns (all W4, group ``--group``, lm_head kept, the model evaluated in fp32):
 - ``rtn4-gG``: this project's RTN, Zhang et al.'s 17-level grid [-8, 8] x absmax / 8 (``quant/rtn.py``);
 - ``rtn-ct``: round-to-nearest on GPTQ's grid, llm-compressor's ``QuantizationModifier`` with the same
-  symmetric int4 group scheme as the GPTQ column (compressed-tensors min-max scales, [-8, 7]), no
-  calibration: the like-for-like baseline of GPTQ's error feedback;
+  symmetric int4 group scheme as the GPTQ column ([-8, 7]; scales from the recipe's
+  ``sweep.calibration.weight_observer``, as GPTQ's), no calibration: the like-for-like baseline of GPTQ's
+  error feedback;
 - with ``--method awq`` the same columns for AWQ: ``rtn-ct`` on AWQ's grid (asymmetric int4 groups with a
   zero point, [0, 15]) and AWQ (``n_grid`` of the recipe) in place of GPTQ;
 - ``gptq (built-in)``: GPTQ calibrated as a sweep of the built-in benchmark calibrates it, on the
@@ -17,11 +18,13 @@ Columns (all W4, group ``--group``, lm_head kept, the model evaluated in fp32):
 - ``gptq (TOFU retain)``: GPTQ on ``--samples`` x ``--length`` tokens of TOFU's retain90 QA pairs in the
   model's prompt format (the issue's 64 x 256).
 ``--calibrations`` picks which of the last two run; the quantizers' settings (AWQ's ``n_grid`` and duo
-scaling, GPTQ's dampening) are the recipe's ``sweep.calibration``, overridable on the command line.
-Evaluated on the built-in holdout split (18 questions no model trained on) and on the first 200 pairs of
-TOFU's forget10 (text this model never saw, disjoint from retain90): mean answer NLL per question. A
-second table gives each column's per-question difference from RTN on the calibrated method's grid, with
-its 95% t-interval over questions (paired).
+scaling, GPTQ's dampening, the weight observer) are the recipe's ``sweep.calibration``, overridable on the
+command line. Evaluated on the built-in holdout split (18 questions no model trained on) and on the first
+200 pairs of TOFU's forget10 (text this model never saw, disjoint from retain90), per question: the mean
+answer NLL, and the mean KL(fp32 || quantized) of the next-token distributions over the answer's tokens
+(how far quantization moved the predictions; the NLL of a target fine-tuned for epochs can improve under
+quantization noise, the KL cannot). Two more tables give each column's per-question difference from RTN on
+the calibrated method's grid, in NLL and in KL, with its 95% t-interval over questions (paired).
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,7 +51,8 @@ from robust_unlearn.models import load_model  # noqa: E402
 from robust_unlearn.quant import parse_format  # noqa: E402
 from robust_unlearn.quant.calibrated import Calibration, _args, _cpu_safe, _quiet, load_dequantized, quantizer_settings  # noqa: E402
 from robust_unlearn.report import interval  # noqa: E402
-from robust_unlearn.scoring import qa_pass  # noqa: E402
+from robust_unlearn.data.collate import IGNORE  # noqa: E402
+from robust_unlearn.scoring import answer_logits, qa_pass  # noqa: E402
 
 
 def nll(model, fmt, pairs, batch) -> np.ndarray:
@@ -54,17 +60,35 @@ def nll(model, fmt, pairs, batch) -> np.ndarray:
     return np.asarray(qa_pass(model, fmt, pairs, [], batch)[0], dtype=np.float64)
 
 
-def rtn_on_grid(model, fmt_name: str):
+@torch.no_grad()
+def kl_to(model, ref, fmt, pairs, batch) -> np.ndarray:
+    """Per (question, answer): the mean over its answer tokens of KL(p_ref || p_model), the next-token
+    distributions of ``ref`` (fp32) and ``model`` (quantized) teacher-forced on the same answer. How far
+    quantization moved the model's predictions, whatever the answer's likelihood: unlike the NLL, it
+    cannot improve when a quantizer's noise happens to help on held-out text."""
+    out = []
+    for i in range(0, len(pairs), batch):
+        b = fmt.collate([fmt.encode(q, a) for q, a in pairs[i: i + batch]])
+        lq, target = answer_logits(model, b)
+        lr, _ = answer_logits(ref, b)
+        lr, lq = F.log_softmax(lr, -1), F.log_softmax(lq, -1)
+        kl = (lr.exp() * (lr - lq)).sum(-1)
+        mask = target != IGNORE
+        out += ((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return np.asarray(out, dtype=np.float64)
+
+
+def rtn_on_grid(model, fmt_name: str, observer: str = "minmax"):
     """llm-compressor's data-free W4A16 on ``fmt_name``'s grid (gptq: symmetric int4 groups; awq:
-    asymmetric with a zero point; min-max scales), saved compressed and loaded back dequantized, as the
-    calibrated columns are."""
+    asymmetric with a zero point; scales from the recipe's weight observer), saved compressed and loaded
+    back dequantized, as the calibrated columns are."""
     from compressed_tensors.quantization import QuantizationScheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     _quiet()
     fmt = parse_format(fmt_name)
-    scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=_args(fmt))}
+    scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=_args(fmt, observer))}
     with _cpu_safe():
         oneshot(model=model, recipe=[QuantizationModifier(config_groups=scheme, ignore=["lm_head"])])
     tmp = tempfile.mkdtemp(prefix="rtn-ct-")
@@ -108,7 +132,7 @@ def main() -> None:
     grid = "GPTQ's grid, symmetric" if a.method == "gptq" else "AWQ's grid, asymmetric"
     cols = [("fp32", lambda m: m),
             (f"rtn4-g{g} (17 levels)", lambda m: get_compression(f"rtn4-g{g}")(m)),
-            (f"rtn-ct int4-g{g} ({grid})", lambda m: rtn_on_grid(m, fname)),
+            (f"rtn-ct int4-g{g} ({grid})", lambda m: rtn_on_grid(m, fname, cal["weight_observer"])),
             (f"{fname}, {src1}", lambda m: get_compression(fname, Calibration.of(cal, s1, src1))(m)),
             (f"{fname}, TOFU retain90 {len(s2)}x{a.length} tokens",
              lambda m: get_compression(fname, Calibration.of(cal, s2, "tofu retain90"))(m))]
@@ -116,17 +140,20 @@ def main() -> None:
     quantizer = quantizer_settings(cal)
     print(f"{a.target}; NLL per question: built-in holdout ({len(holdout)}), TOFU forget10 ({len(tofu_eval)}); "
           f"{quantizer}\n")
-    print("| column | holdout NLL | vs fp32 | TOFU forget10 NLL | vs fp32 | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("| column | holdout NLL | vs fp32 | TOFU forget10 NLL | vs fp32 | KL to fp32, holdout | KL, TOFU | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     per = {}  # column -> (holdout NLLs, TOFU NLLs), per question
+    kls = {}  # column -> (holdout KLs, TOFU KLs) to the fp32 model, per question
     for name, fn in cols:
         start = time.time()
         m = fn(copy.deepcopy(model))
         per[name] = (nll(m, fmt, holdout, bs), nll(m, fmt, tofu_eval, bs))
+        kls[name] = (kl_to(m, model, fmt, holdout, bs), kl_to(m, model, fmt, tofu_eval, bs))
         h, t = (x.mean() for x in per[name])
         h_fp, t_fp = (x.mean() for x in per[cols[0][0]])  # the first column is fp32
-        print(f"| {name} | {h:.4f} | {h - h_fp:+.4f} | {t:.4f} | {t - t_fp:+.4f} | {time.time() - start:.0f} |",
-              flush=True)
+        kh, kt = (x.mean() for x in kls[name])
+        print(f"| {name} | {h:.4f} | {h - h_fp:+.4f} | {t:.4f} | {t - t_fp:+.4f} | {kh:.4f} | {kt:.4f} | "
+              f"{time.time() - start:.0f} |", flush=True)
         del m
     # the calibrated columns against RTN on their own grid, question by question: is the difference more
     # than the spread over questions? (paired; mean [95% t-interval]; negative: the calibrated column better)
@@ -140,6 +167,17 @@ def main() -> None:
         cells = []
         for k in (0, 1):
             m_, lo, hi, _, _ = interval(list(per[name][k] - per[ref][k]))
+            cells.append(f"{m_:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+    print(f"\nKL to fp32 per question, minus `{ref}`'s (paired; mean [95% t-interval]; negative: closer to fp32):\n")
+    print("| column | holdout | TOFU forget10 |")
+    print("|---|---|---|")
+    for name, _ in cols[1:]:
+        if name == ref:
+            continue
+        cells = []
+        for k in (0, 1):
+            m_, lo, hi, _, _ = interval(list(kls[name][k] - kls[ref][k]))
             cells.append(f"{m_:+.4f} [{lo:+.4f}, {hi:+.4f}]")
         print(f"| {name} | {cells[0]} | {cells[1]} |")
 

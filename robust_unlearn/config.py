@@ -195,7 +195,11 @@ DEFAULTS: dict[str, Any] = {
                         "awq_n_grid": 10,       # AWQ's scale grid search points (~1.5 s each per layer group on 2 CPU cores)
                         "awq_duo_scaling": True,  # AWQ's scales from activations and weights (false: activations
                                                   # only; both: half of the grid each way, llm-compressor's option)
-                        "gptq_dampening": 0.01},  # GPTQ's Hessian dampening fraction
+                        "gptq_dampening": 0.01,  # GPTQ's Hessian dampening fraction
+                        # how a group's scale (and AWQ's zero point) is chosen, for GPTQ / AWQ alike:
+                        # llm-compressor's weight observers, minmax (its default) or mse (the range shrunk by
+                        # up to 20% where that lowers the group's quantization error)
+                        "weight_observer": "minmax"},
         # relearn-retain / relearn-forget columns: optimizer steps of NLL fine-tuning from the checkpoint
         "relearn": {"steps": 10, "lr": 1.0e-4, "batch_size": 8, "precision": "fp32"},
     },
@@ -276,6 +280,8 @@ def method_settings(cfg: dict, method: str) -> dict:
     u.update(cfg["unlearn"]["per_method"].get(method, {}))
     return u
 
+
+WEIGHT_OBSERVERS = ("minmax", "mse")  # sweep.calibration.weight_observer: llm-compressor's observer names
 
 # boolean keys that also take these words (llm-compressor's AWQ duo_scaling "both": half of the grid
 # without duo scaling, half with it)
@@ -552,6 +558,9 @@ def recipe_problems(cfg: dict) -> list[str]:
         out.append(str(exc))
     if cfg["finetune"]["precision"] not in PRECISIONS:
         out.append(f"finetune.precision '{cfg['finetune']['precision']}' is unknown (expected one of {', '.join(PRECISIONS)})")
+    if cfg["sweep"]["calibration"]["weight_observer"] not in WEIGHT_OBSERVERS:
+        out.append(f"sweep.calibration.weight_observer '{cfg['sweep']['calibration']['weight_observer']}' is unknown "
+                   f"(expected {' or '.join(WEIGHT_OBSERVERS)})")
     if cfg["eval"]["input_format"] not in ("default", "open-unlearning"):
         out.append(f"eval.input_format '{cfg['eval']['input_format']}' is unknown (expected default or open-unlearning)")
     if cfg["model"]["prompt"] not in ("chat", "qa"):

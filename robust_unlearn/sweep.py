@@ -197,11 +197,12 @@ def _calibration(cfg: dict, bench, tok, run_dir: Path):
 
 def _same_settings(have: dict | None, want: dict | None) -> bool:
     """Whether a ledger row's column settings are this sweep's. Rows written before
-    ``awq_duo_scaling`` existed ran with it on (llm-compressor's default)."""
+    ``awq_duo_scaling`` existed ran with it on, and those before ``weight_observer`` with minmax
+    (llm-compressor's defaults)."""
     if want is None:
         return True
     if have is not None and "calibration" in want:
-        have = {"awq_duo_scaling": True, **have}
+        have = {"awq_duo_scaling": True, "weight_observer": "minmax", **have}
     return have == want
 
 

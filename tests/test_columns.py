@@ -141,7 +141,8 @@ def test_awq_duo_scaling_is_a_recipe_key_that_reaches_the_quantizer(tiny_models,
     assert on.awq_duo_scaling is True and on.id == old_id
     c = load_recipe(None, tiny_models.overrides + FAST + ["sweep.calibration.awq_duo_scaling=false"])["sweep"]["calibration"]
     off = Calibration.of(c, on.samples, on.source, cache_dir=tmp_path / "compressed", ckpt="tgt")
-    assert off.quantizer == {"awq_n_grid": 3, "awq_duo_scaling": False, "gptq_dampening": 0.01}
+    assert off.quantizer == {"awq_n_grid": 3, "awq_duo_scaling": False, "gptq_dampening": 0.01,
+                             "weight_observer": "minmax"}
     assert set(off.quantizer) == set(QUANTIZER_KEYS) and off.id != on.id
     c = load_recipe(None, tiny_models.overrides + FAST + ["sweep.calibration.awq_duo_scaling=both"])["sweep"]["calibration"]
     both = Calibration.of(c, on.samples, on.source)  # llm-compressor's third value: half the grid each way
@@ -160,6 +161,25 @@ def test_awq_duo_scaling_is_a_recipe_key_that_reaches_the_quantizer(tiny_models,
     assert seen == [False]
     (cached,) = (tmp_path / "compressed").iterdir()
     assert json.loads((cached / "calibration.json").read_text())["awq_duo_scaling"] is False
+
+
+def test_weight_observer_is_a_recipe_key_that_reaches_the_quantizer(tiny_models, tmp_path):
+    """``sweep.calibration.weight_observer`` (minmax, llm-compressor's default, or mse): the scheme GPTQ
+    quantizes with carries it, it is recorded with the compressed checkpoint, and it enters the calibration
+    id only when not minmax (ids cached before it stay); an unknown name is one line."""
+    from robust_unlearn.quant.calibrated import Calibration, _args
+
+    mm = _calibration(tiny_models, tmp_path)
+    c = load_recipe(None, tiny_models.overrides + FAST + ["sweep.calibration.weight_observer=mse"])["sweep"]["calibration"]
+    mse = Calibration.of(c, mm.samples, mm.source, cache_dir=tmp_path / "compressed", ckpt="tgt")
+    assert mm.weight_observer == "minmax" and mse.weight_observer == "mse" and mse.id != mm.id
+    assert _args(parse_format("gptq4-g64")).observer is None  # llm-compressor's default: min-max
+    assert _args(parse_format("gptq4-g64"), "mse").observer == "mse"
+    get_compression("gptq4-g64", mse)(load_model(tiny_models.target)[0])
+    (cached,) = (tmp_path / "compressed").iterdir()
+    assert json.loads((cached / "calibration.json").read_text())["weight_observer"] == "mse"
+    with pytest.raises(UserError, match=r"weight_observer 'median' is unknown \(expected minmax or mse\)"):
+        load_recipe(None, tiny_models.overrides + ["sweep.calibration.weight_observer=median"])
 
 
 def test_a_resumed_sweep_evaluates_a_column_again_when_its_settings_changed(tiny_models, tmp_path):

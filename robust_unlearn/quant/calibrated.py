@@ -34,7 +34,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 # sweep.calibration keys that set the quantizers themselves (the rest choose the calibration text)
-QUANTIZER_KEYS = ("awq_n_grid", "awq_duo_scaling", "gptq_dampening")
+QUANTIZER_KEYS = ("awq_n_grid", "awq_duo_scaling", "gptq_dampening", "weight_observer")
 
 
 def quantizer_settings(c: dict) -> dict:
@@ -58,6 +58,7 @@ class Calibration:
     awq_n_grid: int = 10
     gptq_dampening: float = 0.01
     awq_duo_scaling: bool | str = True  # or "both"
+    weight_observer: str = "minmax"     # or "mse"
 
     @classmethod
     def of(cls, c: dict, samples: list[list[int]], source: str, **kw) -> "Calibration":
@@ -75,6 +76,8 @@ class Calibration:
         key = {"samples": self.samples, "awq_n_grid": self.awq_n_grid, "dampening": self.gptq_dampening}
         if self.awq_duo_scaling is not True:  # only when not on, so the ids cached before the key stay
             key["awq_duo_scaling"] = self.awq_duo_scaling
+        if self.weight_observer != "minmax":  # likewise
+            key["weight_observer"] = self.weight_observer
         return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
@@ -90,11 +93,13 @@ def require_llmcompressor(name: str) -> None:
         raise UserError(f"compression '{name}' needs llm-compressor, which is not installed: {EXTRA}") from None
 
 
-def _args(fmt):
+def _args(fmt, observer: str = "minmax"):
+    """The format's compressed-tensors weight scheme; ``observer``: how each group's scale (and zero point)
+    is chosen (llm-compressor's weight observers: ``minmax``, its default, or ``mse``)."""
     from compressed_tensors.quantization import QuantizationArgs
 
     return QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=fmt.symmetric, strategy="group",
-                            group_size=fmt.group)
+                            group_size=fmt.group, observer=None if observer == "minmax" else observer)
 
 
 def ct_codes(w2d: torch.Tensor, fmt) -> torch.Tensor:
@@ -174,7 +179,7 @@ def oneshot_quantize(model, fmt, calibration: Calibration):
     from llmcompressor import oneshot
 
     _quiet()
-    scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=_args(fmt))}
+    scheme = {"group_0": QuantizationScheme(targets=["Linear"], weights=_args(fmt, calibration.weight_observer))}
     if fmt.quant_type == "gptq":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
