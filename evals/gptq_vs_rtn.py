@@ -23,8 +23,9 @@ command line. Evaluated on the built-in holdout split (18 questions no model tra
 200 pairs of TOFU's forget10 (text this model never saw, disjoint from retain90), per question: the mean
 answer NLL, and the mean KL(fp32 || quantized) of the next-token distributions over the answer's tokens
 (how far quantization moved the predictions; the NLL of a target fine-tuned for epochs can improve under
-quantization noise, the KL cannot). Two more tables give each column's per-question difference from RTN on
-the calibrated method's grid, in NLL and in KL, with its 95% t-interval over questions (paired).
+quantization noise, the KL cannot). Further tables give each column's per-question difference from RTN on
+the calibrated method's grid, and each calibrated column's from ``rtn4-gG``, in NLL and in KL, with its 95%
+t-interval over questions (paired).
 """
 from __future__ import annotations
 
@@ -155,32 +156,23 @@ def main() -> None:
         print(f"| {name} | {h:.4f} | {h - h_fp:+.4f} | {t:.4f} | {t - t_fp:+.4f} | {kh:.4f} | {kt:.4f} | "
               f"{time.time() - start:.0f} |", flush=True)
         del m
-    # the calibrated columns against RTN on their own grid, question by question: is the difference more
-    # than the spread over questions? (paired; mean [95% t-interval]; negative: the calibrated column better)
-    ref = cols[2][0]
-    print(f"\nPer question, minus `{ref}` (paired; mean [95% t-interval]; negative: better than RTN on its grid):\n")
-    print("| column | holdout | TOFU forget10 |")
-    print("|---|---|---|")
-    for name, _ in cols[1:]:
-        if name == ref:
-            continue
-        cells = []
-        for k in (0, 1):
-            m_, lo, hi, _, _ = interval(list(per[name][k] - per[ref][k]))
-            cells.append(f"{m_:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
-    print(f"\nKL to fp32 per question, minus `{ref}`'s (paired; mean [95% t-interval]; negative: closer to fp32):\n")
-    print("| column | holdout | TOFU forget10 |")
-    print("|---|---|---|")
-    for name, _ in cols[1:]:
-        if name == ref:
-            continue
-        cells = []
-        for k in (0, 1):
-            m_, lo, hi, _, _ = interval(list(kls[name][k] - kls[ref][k]))
-            cells.append(f"{m_:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
-
+    # the calibrated columns against RTN on their own grid (and against this project's rtn4), question by
+    # question: is the difference more than the spread over questions? (paired; mean [95% t-interval];
+    # negative: the calibrated column better / closer to fp32)
+    grid_rtn, rtn4 = cols[2][0], cols[1][0]
+    for what, values, better in (("NLL", per, "better"), ("KL to fp32", kls, "closer to fp32")):
+        for ref, others in ((grid_rtn, [c for c, _ in cols[1:] if c != grid_rtn]), (rtn4, [c for c, _ in cols[3:]])):
+            if not others:
+                continue
+            print(f"\n{what} per question, minus `{ref}`'s (paired; mean [95% t-interval]; negative: {better}):\n")
+            print("| column | holdout | TOFU forget10 |")
+            print("|---|---|---|")
+            for name in others:
+                cells = []
+                for k in (0, 1):
+                    m_, lo, hi, _, _ = interval(list(values[name][k] - values[ref][k]))
+                    cells.append(f"{m_:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+                print(f"| {name} | {cells[0]} | {cells[1]} |")
 
 if __name__ == "__main__":
     main()
