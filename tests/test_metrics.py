@@ -243,3 +243,31 @@ def test_the_classifier_key_at_its_default_keeps_the_evaluation_ids_made_before_
     del before["eval"]["gibberish_classifier"]
     assert eval_id(cfg, bench) == eval_id(before, bench)
     assert eval_id(load_recipe(None, ["eval.gibberish_classifier=some/classifier"]), bench) != eval_id(cfg, bench)
+
+
+def test_an_empty_answer_scores_the_same_alone_and_in_a_batch(gibberish_dir):
+    """A tokenizer with no special tokens gives an empty answer no tokens: it is scored as its BOS token,
+    alone (where the classifier had nothing to read) and beside other answers (where it read padding)."""
+    from robust_unlearn.metrics.classifier import classifier_prob, empty_text_token
+    from robust_unlearn.models import load_classifier
+
+    clf, ctok = load_classifier(str(gibberish_dir), "eval.gibberish_classifier")
+    assert ctok("")["input_ids"] == []
+    assert empty_text_token(ctok) == ctok.bos_token_id
+    with torch.no_grad():
+        bos = torch.softmax(clf(input_ids=torch.tensor([[ctok.bos_token_id]])).logits.float(), -1)[0, 0].item()
+    alone = classifier_prob([""], clf, ctok)
+    batched = classifier_prob(["a b", "", "c d a"], clf, ctok)
+    np.testing.assert_allclose([alone[0], batched[1]], [bos, bos], atol=1e-5)
+    np.testing.assert_allclose(batched[[0, 2]], classifier_prob(["a b", "c d a"], clf, ctok), atol=1e-5)
+
+
+def test_a_tokenizer_with_nothing_to_score_an_empty_answer_as_is_one_line():
+    from robust_unlearn.errors import UserError
+    from robust_unlearn.metrics.classifier import empty_text_token
+
+    class Bare:
+        bos_token_id = eos_token_id = pad_token_id = unk_token_id = None
+
+    with pytest.raises(UserError, match=r"^eval.gibberish_classifier: its tokenizer gives an empty text no tokens"):
+        empty_text_token(Bare())
