@@ -43,8 +43,8 @@ def empty_text_token(tok) -> int:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         if getattr(tok, name, None) is not None:
             return getattr(tok, name)
-    raise UserError(f"eval.gibberish_classifier: its tokenizer gives an empty text no tokens and has no BOS, EOS, "
-                    f"pad or unk token to score it as; expected a tokenizer with one of them")
+    raise UserError("eval.gibberish_classifier: its tokenizer gives an empty text no tokens and has no BOS, EOS, "
+                    "pad or unk token to score it as; expected a tokenizer with one of them")
 
 
 def gibberish_classifier(cfg: dict):
