@@ -164,12 +164,20 @@ class SharedReference:
             return target(*args, **kwargs)
         if not self._orig:
             return self._model(*args, **kwargs)
+        from .robust.update import parametrized_name
+
         params = dict(self._model.named_parameters())
-        for n, t in self._orig.items():  # follow the model: a bf16 run casts it, and the training loop's
-            p = params[n]               # prepare moves it to the accelerator, after freeze
+        tensors = {}
+        for n, t in self._orig.items():
+            # robust_qat parametrizes the trained weights after freeze, which renames each to its
+            # original; the parametrization (``robust.update.Deployed``) gives a weight at its target value
+            # back unchanged, so the original at the frozen copy still computes the target
+            key = n if n in params else parametrized_name(n)
+            p = params[key]  # follow the model: a bf16 run casts it, the loop's prepare moves it, after freeze
             if t.dtype != p.dtype or t.device != p.device:
-                self._orig[n] = t.to(device=p.device, dtype=p.dtype)
-        return torch.func.functional_call(self._model, self._orig, args, kwargs, strict=False)
+                self._orig[n] = t = t.to(device=p.device, dtype=p.dtype)
+            tensors[key] = t
+        return torch.func.functional_call(self._model, tensors, args, kwargs, strict=False)
 
     def __getattr__(self, name):
         return getattr(self._model, name)

@@ -236,6 +236,28 @@ def test_qat_trains_through_the_deployed_grid_and_saves_it_exactly(setup):
     assert 0 < n_changed == meta["plan"]["final"]["updated_params"]
 
 
+def test_qat_with_a_reference_method_computes_the_targets_reference(setup):
+    """``robust_qat`` parametrizes the trained weights after the shared reference froze their copies (their
+    names change); a method with a reference (Robust_NPO, the pruned view too) runs, and its reference is
+    still the target: the weights are bit-identical to a run whose reference is a second model. (Found on
+    TOFU: Robust_NPO with the shipped robust options stopped at its first step with a KeyError.)"""
+    cfg, bench, target, key, _, out = setup
+    sd = {}
+    for shared in (True, False):
+        c = load_recipe(None, TINY + ROBUST + ["unlearn.robust_floor=[nf4]", "unlearn.per_method.Robust_NPO.robust_qat=true",
+                                               "unlearn.per_method.Robust_NPO.robust_prune_view=0.3",
+                                               "unlearn.per_method.Robust_NPO.steps=3",
+                                               f"runtime.shared_reference={str(shared).lower()}",
+                                               f"cache_dir={cfg['cache_dir']}"])
+        path = unlearn(c, bench, target, key, "Robust_NPO", out / f"qat-ref-{shared}", Reference(target))
+        meta = read_metadata(path)
+        assert meta["reference"] == ("shared" if shared else "full copy") and meta["plan"]["final"]["qat"] is True
+        sd[shared] = load_model(str(path))[0].state_dict()
+    assert all(torch.equal(sd[True][k], sd[False][k]) for k in sd[True])
+    a, wa = _weights(target)
+    assert any(not torch.equal(wa[n], sd[True][n]) for n in wa)  # it moved something
+
+
 @pytest.mark.parametrize("option", ["robust_qat=true", "stop_under=[nf4]"])
 def test_one_process_options_refuse_a_multi_process_launch_in_one_line(setup, monkeypatch, option):
     """``stop_under`` on any multi-process launch, ``robust_qat`` under ZeRO-3 (DDP and ZeRO-2 run it:

@@ -123,7 +123,7 @@ class SparseUpdate(Step):
         self.engine = engine
         if model is not None:
             named = dict(model.named_parameters())
-            self.params = {n: named[n] if n in named else named[_parametrized(n)] for n in self.params}
+            self.params = {n: named[n] if n in named else named[parametrized_name(n)] for n in self.params}
         device = next(iter(self.params.values())).device if self.params else None
         if device is not None and any(m.device != device for m in self.masks.values()):
             self._to(device)
@@ -303,8 +303,8 @@ class SparseUpdate(Step):
         return stats
 
 
-def _parametrized(name: str) -> str:
-    """The name ``torch.nn.utils.parametrize`` gives a parametrized tensor's original."""
+def parametrized_name(name: str) -> str:
+    """The name ``torch.nn.utils.parametrize`` gives a parametrized tensor's original (``robust_qat``)."""
     owner, _, attr = name.rpartition(".")
     return f"{owner}.parametrizations.{attr}.original"
 
