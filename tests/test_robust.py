@@ -240,7 +240,7 @@ def test_qat_with_a_reference_method_computes_the_targets_reference(setup):
     """``robust_qat`` parametrizes the trained weights after the shared reference froze their copies (their
     names change); a method with a reference (Robust_NPO, the pruned view too) runs, and its reference is
     still the target: the weights are bit-identical to a run whose reference is a second model. (Found on
-    TOFU: Robust_NPO with the shipped robust options stopped at its first step with a KeyError.)"""
+    TOFU: Robust_NPO with Robust_GradDiff's shipped robust options stopped at its first step with a KeyError.)"""
     cfg, bench, target, key, _, out = setup
     sd = {}
     for shared in (True, False):
@@ -254,7 +254,7 @@ def test_qat_with_a_reference_method_computes_the_targets_reference(setup):
         assert meta["reference"] == ("shared" if shared else "full copy") and meta["plan"]["final"]["qat"] is True
         sd[shared] = load_model(str(path))[0].state_dict()
     assert all(torch.equal(sd[True][k], sd[False][k]) for k in sd[True])
-    a, wa = _weights(target)
+    _, wa = _weights(target)
     assert any(not torch.equal(wa[n], sd[True][n]) for n in wa)  # it moved something
 
 
