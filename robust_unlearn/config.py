@@ -140,6 +140,9 @@ DEFAULTS: dict[str, Any] = {
         "collapse_answers": 8,     # also greedy-answer the first N questions of retain, real_authors and
                                    # world_facts: their distinct-bigram share < collapse_floor x the
                                    # target's (looping answers) trips the guard too (0: retain prob only)
+        "collapse_backoff": [],    # lr factors: at each trip, while one is left, put the last good state back
+                                   # and train on at the next factor x the lr, fresh optimizer moments
+                                   # (e.g. [0.5, 0.25]); [] : a trip stops the run. One process, no DeepSpeed
         # SURE_<base> / Robust_<base> (robust_unlearn.robust): modules at or above this percentile of
         # forget-gradient norm train (Zhang et al. 2024: 90 / 95 / 99)
         "sure_percentile": 90.0,
@@ -618,6 +621,12 @@ def recipe_problems(cfg: dict) -> list[str]:
                         check_compression(str(c), f"{where}.stop_under")
                     except UserError as exc:
                         out.append(str(exc))
+        if "collapse_backoff" in keys:
+            b = st["collapse_backoff"]
+            if not (isinstance(b, list) and all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1
+                                                for f in b)):
+                out.append(f"{where}.collapse_backoff {b!r} must be a list of lr factors in (0, 1] (e.g. [0.5, 0.25]; "
+                           f"[] : off)")
         if "kl_positions" in keys and st["kl_positions"] not in ("answer", "all"):
             out.append(f"{where}.kl_positions '{st['kl_positions']}' is unknown (expected answer or all)")
         if "robust_floor" in keys:

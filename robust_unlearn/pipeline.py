@@ -19,7 +19,7 @@ from .models import load_model, read_metadata, resolve_base, save_model
 from .report import STUDY_FILE, write_report, write_study_report
 from .sweep import sweep
 from .train import precision_ran, train
-from .unlearn import unlearn_all
+from .unlearn import backoff_text, unlearn_all
 
 log = logging.getLogger(__name__)
 FINETUNE_VERSION = "ft-1"  # bump when fine-tuning code changes what it produces
@@ -136,11 +136,13 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
     checkpoints += [(m, str(path), m) for m, path in unlearned.items()]
     models.update({m: (str(path), None) for m, path in unlearned.items()})
     last_good = {m: read_metadata(path)["state"] for m, path in unlearned.items() if read_metadata(path).get("state")}
+    backed_off = {m: backoff_text(read_metadata(path)) for m, path in unlearned.items()}
+    backed_off = {m: t for m, t in backed_off.items() if t}
     sweep(cfg, bench, run_dir, checkpoints, cfg["sweep"]["compressions"], oracle=oracle_stats)
     info = {"name": cfg["name"], "benchmark": cfg["data"]["name"] + (f" ({cfg['data']['path']})" if cfg["data"]["path"] else ""),
             "forget_split": _forget_name(cfg), "base_model": cfg["model"]["base"],
             "models": {k: v[0] for k, v in models.items()}, "holds_margin": cfg["sweep"]["holds_margin"],
-            "collapsed": collapsed, "last_good": last_good, "seed": cfg["seed"],
+            "collapsed": collapsed, "last_good": last_good, "backed_off": backed_off, "seed": cfg["seed"],
             "wall_time_s": round(time.time() - t0, 1),
             "command": command}
     (run_dir / "run.json").write_text(json.dumps(info, indent=2))

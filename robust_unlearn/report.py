@@ -64,7 +64,8 @@ def write_report(run_dir: str | Path, info: dict | None = None, ledger: Ledger |
     margin = info.get("holds_margin", HOLDS_MARGIN) if isinstance(info.get("holds_margin"), (int, float)) else HOLDS_MARGIN
     lines += verdict_section(rows, margin)
     for what, items in (("Collapsed, nothing saved", info.get("collapsed")),
-                        ("Collapsed, last good state saved", info.get("last_good"))):
+                        ("Collapsed, last good state saved", info.get("last_good")),
+                        ("Backed off from a collapse", info.get("backed_off"))):
         if isinstance(items, dict) and items:
             lines += [f"**{what}** (collapse guard, `unlearn.collapse_floor`):", "",
                       *(f"- {m}: {text}" for m, text in items.items()), ""]

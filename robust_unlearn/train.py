@@ -156,14 +156,37 @@ def _save_state(acc: Accelerator, state_dir: Path, step: int, losses: list, extr
     acc.wait_for_everyone()
 
 
+class Backoff:
+    """What ``stop`` returns when the caller has put an earlier state of the weights back into the model
+    (the collapse guard's ``collapse_backoff``): training goes on from it with fresh optimizer moments
+    (the old ones point at the state that collapsed) and at ``lr_factor`` x the lr the schedule would
+    give (a factor of the recipe's lr, not of the previous backoff's)."""
+
+    def __init__(self, lr_factor: float):
+        self.lr_factor = float(lr_factor)
+
+
+def _back_off(opt, sched, base_lrs: list[float], factor: float) -> None:
+    """Fresh AdamW moments; every param group's lr (now and for the rest of the schedule) at ``factor``
+    x the recipe's. Runs on one process without DeepSpeed (the caller's guard allows nothing else)."""
+    inner_opt = getattr(opt, "optimizer", opt)  # accelerate's wrappers
+    inner_sched = getattr(sched, "scheduler", sched)
+    inner_opt.state.clear()  # AdamW starts each parameter's moments (and bias correction) anew
+    for group, base, cur in zip(inner_opt.param_groups, base_lrs, list(inner_sched.base_lrs)):
+        group["lr"] *= base * factor / cur
+        group["initial_lr"] = base * factor
+    inner_sched.base_lrs = [b * factor for b in base_lrs]
+
+
 def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, desc: str = "train",
           primary: str = "train", accelerator: Accelerator | None = None,
           stop: Callable[[torch.nn.Module, int], bool] | None = None, constraint=None,
           state_dir: str | Path | None = None, extra: dict | None = None):
     """Run ``cfg['epochs']`` passes over ``datasets[primary]``, at least ``cfg['min_steps']`` optimizer
     steps (or ``cfg['steps']`` optimizer steps when set); the other streams are cycled.
-    ``stop(model, step)``, called every ``cfg['stop_every']`` steps, may end the run early (the scheduler
-    still spans the full length).
+    ``stop(model, step)``, called every ``cfg['stop_every']`` steps, may end the run early (True; the
+    scheduler still spans the full length) or, having put an earlier state back into the model, return a
+    :class:`Backoff` to train on from it at a smaller lr.
 
     ``datasets``: name -> a dataset with a ``collate`` method (see ``data.collate.QADataset``).
     ``cfg``: lr, batch_size (global), epochs, weight_decay, warmup_ratio, schedule (a transformers
@@ -207,6 +230,7 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
     total = cfg.get("steps") or max(1, math.ceil(cfg["epochs"] * steps_per_epoch), cfg.get("min_steps") or 0)
     sched = get_scheduler(cfg.get("schedule", "linear"), opt, num_warmup_steps=int(cfg["warmup_ratio"] * total),
                           num_training_steps=total)
+    base_lrs = list(sched.base_lrs)  # the recipe's; a Backoff scales them
     model, opt, sched, *prepared = acc.prepare(model, opt, sched, *loaders.values())
     engine = Engine(acc, model, opt)
     protocol.attach(engine)
@@ -290,6 +314,11 @@ def train(model, objective: Callable, datasets: dict, cfg: dict, seed: int = 0, 
             model.eval()
             done = stop(acc.unwrap_model(model), step + 1)
             model.train()
+            if isinstance(done, Backoff):
+                if n_proc > 1 or deepspeed:
+                    raise RuntimeError("a Backoff needs one process without DeepSpeed")  # the guard's to ensure
+                _back_off(opt, sched, base_lrs, done.lr_factor)
+                done = False
             if n_proc > 1:  # every process takes the main one's decision
                 from accelerate.utils import broadcast
 

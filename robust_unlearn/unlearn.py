@@ -14,7 +14,8 @@ or at a level the run measures itself: the retain oracle's forget probability or
 holdout split, :class:`StopLevels`) and the retain answer probability (the collapse guard: below
 ``collapse_floor`` x the target's, training stops; the last state that passed is saved, labelled in
 its metadata, or nothing when none did), with the greedy answers to a few questions of each utility
-split (``collapse_answers``: answers that loop trip it too). With ``runtime.checkpoint_every`` the training state is saved every N steps into a
+split (``collapse_answers``: answers that loop trip it too). With ``collapse_backoff`` a trip first puts
+the last good state back and trains on from it at a smaller lr, once per listed factor. With ``runtime.checkpoint_every`` the training state is saved every N steps into a
 hidden sibling of the checkpoint directory, and a run started again resumes from it.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .lora import lora_enabled
 from .methods import NEEDS_REF, build_objective, check_method, objective_spec, split_method
 from .models import deepspeed_launch, load_model, process_device, read_metadata, save_model
 from .scoring import distinct_bigram_share, qa_mean_nll, qa_pass
-from .train import precision_ran, train
+from .train import Backoff, precision_ran, train
 from .weight_stats import update_stats
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ SPEC_NEUTRAL = ("gradient_checkpointing",)
 # settings added after checkpoints were cached: at these values (off) they are left out of the key, so
 # every checkpoint trained before them keeps its key
 SPEC_OFF = {"stop_under": [], "robust_qat": False, "robust_prune_view": 0.0, "min_steps": 0, "robust_relearn_view": 0.0,
-            "collapse_answers": 0}
+            "collapse_answers": 0, "collapse_backoff": []}
 # the splits whose greedy answers the collapse guard reads (``collapse_answers``), where the benchmark has them
 GUARD_ANSWER_SPLITS = ("retain", "real_authors", "world_facts")
 
@@ -359,7 +360,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
         history.append((step, p))
         log.info("%s: step %d forget probability %.3f", method, step, p)
         if guard is not None and not guard.passes(m, step):
-            return True
+            factor = guard.back_off(m, method)
+            return True if factor is None else Backoff(factor)
         return stop_at is not None and p <= stop_at and under.reached(m, step, stop_at)
 
     stop = probe if (stop_at is not None or guard is not None) else None
@@ -370,7 +372,8 @@ def unlearn(cfg: dict, bench, target: str, target_id: str, method: str, out_dir:
     state_dir = out.parent / f".{out.name}.train"  # resumable states of this spec, removed once saved
     model, losses = train(model, objective, streams, train_cfg, seed=cfg["seed"], desc=f"unlearn {method}",
                           primary="forget", stop=stop, constraint=constraint, state_dir=state_dir,
-                          extra={"forget_prob_history": history})
+                          extra={"forget_prob_history": history,
+                                 **({"collapse_backoffs": guard.backoffs} if guard is not None else {})})
     from accelerate.state import PartialState
 
     state = PartialState()
@@ -490,8 +493,11 @@ class CollapseGuard:
     a trip saves nothing, and :meth:`for_run` leaves the answer check off (greedy answers of different
     lengths on different processes would desynchronise the gathers)."""
 
-    def __init__(self, probe, floor: float, target_prob: float, answers=None, target_answers: dict | None = None):
+    def __init__(self, probe, floor: float, target_prob: float, answers=None, target_answers: dict | None = None,
+                 backoff: list[float] | None = None):
         self.probe, self.fraction, self.target_prob = probe, floor, target_prob
+        self.backoff = [float(f) for f in backoff or []]  # lr factors, one per trip it may back off from
+        self.backoffs: list[dict] = []  # each backoff taken (JSON-able: saved with a resumable state)
         self.floor = floor * target_prob
         self.answers, self.target_answers = answers, dict(target_answers or {})
         self.answer_floors = {s: floor * v for s, v in self.target_answers.items()}
@@ -515,9 +521,18 @@ class CollapseGuard:
             log.info("%s: the collapse guard's answer check is skipped under ZeRO-3", method)
             n_answers = 0
         answers = answer_distinct_probe(cfg, bench, tok, n_answers)
+        backoff = list(settings.get("collapse_backoff") or [])
+        if backoff:
+            from accelerate.state import PartialState
+
+            if PartialState().num_processes > 1 or deepspeed_launch():
+                log.info("%s: unlearn.collapse_backoff is off in a multi-process or DeepSpeed run (the last good "
+                         "state is put back on one process only); a trip stops the run", method)
+                backoff = []
         was = model.training
         model.eval()
-        guard = cls(probe, settings["collapse_floor"], probe(model), answers, answers(model) if answers else None)
+        guard = cls(probe, settings["collapse_floor"], probe(model), answers, answers(model) if answers else None,
+                    backoff)
         model.train(was)
         log.info("%s: collapse guard at retain probability %.3f (%g x the target's %.3f)%s", method, guard.floor,
                  settings["collapse_floor"], guard.target_prob,
@@ -550,6 +565,26 @@ class CollapseGuard:
             self.good_step = step
         return True
 
+    def back_off(self, model, method: str) -> float | None:
+        """After a trip: when a backoff is left and a good state is kept, put that state back into
+        ``model``, log one line, clear the trip -> the lr factor to train on at; else None (stop)."""
+        if self.tripped is None or self.good is None or len(self.backoffs) >= len(self.backoff):
+            return None
+        factor = self.backoff[len(self.backoffs)]
+        line = self.line(method, saved=None)
+        self.restore(model)
+        step, p = self.tripped
+        record = {"tripped_at_step": step, "tripped_retain_prob": p, "restored_step": self.good_step,
+                  "lr_factor": factor}
+        if self.tripped_answers is not None:
+            record.update(tripped_split=self.tripped_answers[0], tripped_distinct_bigrams=self.tripped_answers[1])
+        self.backoffs.append(record)
+        self.tripped = self.tripped_answers = None
+        log.warning("%s; backed off (%d of %d): put its last good state (step %d) back and trains on at %g x the "
+                    "lr, with fresh optimizer moments", line.split("; stopped, ")[0], len(self.backoffs),
+                    len(self.backoff), self.good_step, factor)
+        return factor
+
     def restore(self, model) -> int | None:
         """Put the last passing state back into ``model`` -> its step, or None when there is none."""
         if self.good is None:
@@ -576,6 +611,8 @@ class CollapseGuard:
     def summary(self) -> dict:
         out = {"collapse_floor": self.fraction, "target_retain_prob": self.target_prob, "floor": self.floor,
                "last_retain_prob": self.last}
+        if self.backoff:
+            out.update(backoff=self.backoff, backoffs=self.backoffs)
         if self.target_answers:
             out.update(target_distinct_bigrams=self.target_answers, last_distinct_bigrams=self.last_answers)
         if self.tripped is not None:
@@ -583,6 +620,17 @@ class CollapseGuard:
             if self.tripped_answers is not None:
                 out.update(tripped_split=self.tripped_answers[0], tripped_distinct_bigrams=self.tripped_answers[1])
         return out
+
+
+def backoff_text(meta: dict) -> str | None:
+    """The backoffs an unlearned checkpoint's run took (``collapse_backoff``), one clause each, or None."""
+    out = []
+    for b in (meta.get("collapse_guard") or {}).get("backoffs") or []:
+        why = (f"{b['tripped_split']} answers loop (share {b['tripped_distinct_bigrams']:.3f})"
+               if "tripped_split" in b else f"retain probability {b['tripped_retain_prob']:.3f}")
+        out.append(f"tripped at step {b['tripped_at_step']} ({why}), step {b['restored_step']} put back, "
+                   f"on at {b['lr_factor']:g} x the lr")
+    return "; ".join(out) or None
 
 
 def _text_forget_prob(ds, n: int):

@@ -283,3 +283,76 @@ def test_a_restored_state_that_the_final_floor_collapses_is_not_saved_nor_claime
     assert line.endswith("nothing was saved")
     assert not any("saved its last good state" in r.getMessage() for r in caplog.records)
     assert not any(p.name.startswith("Robust_GradDiff") for p in tmp_path.iterdir())
+
+
+def test_backoff_puts_the_last_good_state_back_and_trains_on_at_a_smaller_lr(tiny, tmp_path, caplog):
+    """``collapse_backoff``: the same run as test_collapse_after_good_steps..., which trips; with backoffs
+    it trips at the same step (identical until then), puts its last good state back, and trains on at
+    each listed lr factor in turn before the guard may stop it."""
+    base = COLLAPSE + ["unlearn.stop_every=1", "unlearn.per_method.Robust_GradDiff.lr=0.005",
+                       "unlearn.per_method.Robust_GradDiff.steps=30", "unlearn.collapse_answers=0"]
+    plain = read_metadata(unlearn(_cfg(tiny, base), tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff",
+                                  tmp_path / "plain"))
+    assert "collapse_backoff" not in plain["spec"]["settings"]  # off: cached checkpoints keep their keys
+    cfg = _cfg(tiny, base + ["unlearn.collapse_backoff=[0.5,0.25]"])
+    with caplog.at_level("WARNING", logger="robust_unlearn"):
+        ckpt = unlearn(cfg, tiny.bench, tiny.target, tiny.target_key, "Robust_GradDiff", tmp_path / "backoff")
+    meta = read_metadata(ckpt)
+    g = meta["collapse_guard"]
+    assert meta["spec"]["settings"]["collapse_backoff"] == [0.5, 0.25] and g["backoff"] == [0.5, 0.25]
+    first = g["backoffs"][0]
+    pg = plain["collapse_guard"]
+    assert (first["tripped_at_step"], first["restored_step"]) == (pg["tripped_at_step"], pg["kept_step"])
+    assert first["tripped_retain_prob"] == pytest.approx(pg["tripped_retain_prob"], abs=1e-6)
+    assert [b["lr_factor"] for b in g["backoffs"]] == [0.5, 0.25][:len(g["backoffs"])]
+    assert all(b["restored_step"] < b["tripped_at_step"] for b in g["backoffs"])
+    assert meta["steps"] > first["tripped_at_step"]  # it trained on past the first trip
+    lines = [r.getMessage() for r in caplog.records if "backed off" in r.getMessage()]
+    assert len(lines) == len(g["backoffs"]) and "\n" not in lines[0]
+    assert lines[0] == (f"Robust_GradDiff: collapsed at step {first['tripped_at_step']}: retain probability "
+                        f"{first['tripped_retain_prob']:.3f} fell below the collapse floor {g['floor']:.3f} (0.8 x the "
+                        f"target's {g['target_retain_prob']:.3f}); backed off (1 of 2): put its last good state (step "
+                        f"{first['restored_step']}) back and trains on at 0.5 x the lr, with fresh optimizer moments")
+    from robust_unlearn.unlearn import backoff_text  # what run.json and report.md list under "Backed off"
+
+    assert backoff_text(meta).startswith(f"tripped at step {first['tripped_at_step']} (retain probability "
+                                         f"{first['tripped_retain_prob']:.3f}), step {first['restored_step']} put back, "
+                                         f"on at 0.5 x the lr") and backoff_text(plain) is None
+    if "tripped_at_step" in g:  # tripped again with no backoff left: the last good state, labelled, as without
+        assert meta["state"].startswith(f"last good state (step {g['kept_step']})") and len(g["backoffs"]) == 2
+    assert _retain_prob(cfg, tiny.bench, ckpt) >= g["floor"] - 1e-4
+
+
+def test_back_off_scales_the_rest_of_the_schedule_and_clears_the_moments():
+    from transformers import get_scheduler
+
+    from robust_unlearn.train import _back_off
+
+    def make():
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([w], lr=0.1)
+        return w, opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=10)
+
+    (w, opt, sched), (w2, opt2, sched2) = make(), make()
+    for o, s, p in ((opt, sched, w), (opt2, sched2, w2)):
+        for _ in range(3):
+            p.grad = torch.ones(3)
+            o.step()
+            s.step()
+    _back_off(opt, sched, [0.1], 0.5)
+    assert not opt.state  # fresh moments
+    for _ in range(4):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * opt2.param_groups[0]["lr"], rel=1e-12)
+        for o, s, p in ((opt, sched, w), (opt2, sched2, w2)):
+            p.grad = torch.ones(3)
+            o.step()
+            s.step()
+    _back_off(opt, sched, [0.1], 0.25)  # a factor of the recipe's lr, not of the last backoff's
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25 * opt2.param_groups[0]["lr"], rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["[0.5,2]", "[0]", "[yes]", "0.5"])
+def test_bad_backoff_is_one_line(bad):
+    with pytest.raises(UserError, match=r"collapse_backoff.* must be a list") as exc:
+        load_recipe(None, [f"unlearn.collapse_backoff={bad}"])
+    assert "\n" not in str(exc.value) and (bad == "0.5" or "of lr factors in (0, 1]" in str(exc.value))
