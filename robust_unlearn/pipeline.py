@@ -135,9 +135,9 @@ def run(cfg: dict, out: str | Path | None = None, command: str | None = None) ->
         checkpoints.append(("oracle", models["oracle"][0], "none", models["oracle"][1]))
     checkpoints += [(m, str(path), m) for m, path in unlearned.items()]
     models.update({m: (str(path), None) for m, path in unlearned.items()})
-    last_good = {m: read_metadata(path)["state"] for m, path in unlearned.items() if read_metadata(path).get("state")}
-    backed_off = {m: backoff_text(read_metadata(path)) for m, path in unlearned.items()}
-    backed_off = {m: t for m, t in backed_off.items() if t}
+    metas = {m: read_metadata(path) for m, path in unlearned.items()}
+    last_good = {m: meta["state"] for m, meta in metas.items() if meta.get("state")}
+    backed_off = {m: backoff_text(meta) for m, meta in metas.items() if backoff_text(meta)}
     sweep(cfg, bench, run_dir, checkpoints, cfg["sweep"]["compressions"], oracle=oracle_stats)
     info = {"name": cfg["name"], "benchmark": cfg["data"]["name"] + (f" ({cfg['data']['path']})" if cfg["data"]["path"] else ""),
             "forget_split": _forget_name(cfg), "base_model": cfg["model"]["base"],

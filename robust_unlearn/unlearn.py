@@ -571,7 +571,7 @@ class CollapseGuard:
         if self.tripped is None or self.good is None or len(self.backoffs) >= len(self.backoff):
             return None
         factor = self.backoff[len(self.backoffs)]
-        line = self.line(method, saved=None)
+        trip = self._trip(method)
         self.restore(model)
         step, p = self.tripped
         record = {"tripped_at_step": step, "tripped_retain_prob": p, "restored_step": self.good_step,
@@ -581,7 +581,7 @@ class CollapseGuard:
         self.backoffs.append(record)
         self.tripped = self.tripped_answers = None
         log.warning("%s; backed off (%d of %d): put its last good state (step %d) back and trains on at %g x the "
-                    "lr, with fresh optimizer moments", line.split("; stopped, ")[0], len(self.backoffs),
+                    "lr, with fresh optimizer moments", trip, len(self.backoffs),
                     len(self.backoff), self.good_step, factor)
         return factor
 
@@ -595,18 +595,22 @@ class CollapseGuard:
                 params[n].copy_(t.to(params[n].dtype))
         return self.good_step
 
-    def line(self, method: str, saved: str | None, after: str | None = None) -> str:
+    def _trip(self, method: str, after: str | None = None) -> str:
+        """What tripped it, the first part of each line."""
         step, p = self.tripped
-        what = (f"saved its last good state (step {self.good_step}) as {saved}, labelled as such" if saved
-                else "nothing was saved")
         when = f"after {after} (step {step})" if after else f"at step {step}"
         if self.tripped_answers is not None:
             split, v = self.tripped_answers
             return (f"{method}: collapsed {when}: its greedy answers to {split} questions loop (distinct-bigram "
                     f"share {v:.3f} fell below the collapse floor {self.answer_floors[split]:.3f}, {self.fraction:g} x "
-                    f"the target's {self.target_answers[split]:.3f}; retain probability {p:.3f}); stopped, {what}")
+                    f"the target's {self.target_answers[split]:.3f}; retain probability {p:.3f})")
         return (f"{method}: collapsed {when}: retain probability {p:.3f} fell below the collapse floor "
-                f"{self.floor:.3f} ({self.fraction:g} x the target's {self.target_prob:.3f}); stopped, {what}")
+                f"{self.floor:.3f} ({self.fraction:g} x the target's {self.target_prob:.3f})")
+
+    def line(self, method: str, saved: str | None, after: str | None = None) -> str:
+        what = (f"saved its last good state (step {self.good_step}) as {saved}, labelled as such" if saved
+                else "nothing was saved")
+        return f"{self._trip(method, after)}; stopped, {what}"
 
     def summary(self) -> dict:
         out = {"collapse_floor": self.fraction, "target_retain_prob": self.target_prob, "floor": self.floor,
